@@ -1,0 +1,39 @@
+# dynamig — run `make help` for the targets.
+GO       ?= go
+BIN      := bin
+PKGS     := ./...
+BENCHTIME ?= 20x
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: build
+build: ## Build the binaries into bin/.
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+.PHONY: test
+test: ## Run all tests with the race detector.
+	$(GO) test -race -count=1 $(PKGS)
+
+.PHONY: verify
+verify: ## Check formatting and go vet.
+	@out="$$(gofmt -l $$(git ls-files '*.go'))"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+.PHONY: bench
+bench: ## Planner latency benchmarks and the quality table (docs/benchmarks.md).
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./pkg/planner/
+	$(GO) run ./cmd/dynamig bench --snapshots 200 --seed 1
+
+.PHONY: fuzz
+fuzz: ## Fuzz the parsers for FUZZTIME each (default 30s).
+	$(GO) test -run '^$$' -fuzz FuzzParseProfile -fuzztime $(or $(FUZZTIME),30s) ./pkg/mig/
+	$(GO) test -run '^$$' -fuzz FuzzParseResourceName -fuzztime $(or $(FUZZTIME),30s) ./pkg/mig/
+	$(GO) test -run '^$$' -fuzz FuzzLoadScenario -fuzztime $(or $(FUZZTIME),30s) ./pkg/scenario/
+
+.PHONY: demo
+demo: ## Replay the seed scenario (5 × 1g.10gb on one A100-80GB) through every strategy.
+	$(GO) run ./cmd/dynamig sim examples/seed.yaml --strategy all
