@@ -40,7 +40,10 @@ replace (
 
 tool k8s.io/kubernetes/cmd/kube-apiserver
 
-require github.com/stretchr/testify v1.12.1
+require (
+	github.com/google/go-cmp v0.7.0
+	github.com/stretchr/testify v1.12.1
+)
 
 require (
 	cel.dev/expr v0.25.1 // indirect

@@ -23,7 +23,8 @@ type Model struct {
 	PlacementsInferred bool
 	Profiles           []Profile
 
-	index map[ProfileName]int
+	index    map[ProfileName]int
+	excludes [maxProfiles]uint16 // bit j of excludes[i]: profiles i and j cannot share a GPU
 }
 
 // Profile is one GPU-instance profile of a model.
@@ -198,6 +199,11 @@ func init() {
 		m.index = make(map[ProfileName]int, len(m.Profiles))
 		for i, p := range m.Profiles {
 			m.index[p.Name] = i
+			for j, q := range m.Profiles {
+				if i != j && (excludes(p.Name, q.Name) || excludes(q.Name, p.Name)) {
+					m.excludes[i] |= 1 << j
+				}
+			}
 		}
 	}
 }

@@ -23,32 +23,60 @@ var ErrInvalidLayout = errors.New("invalid MIG layout")
 // slices and instances per profile index. The zero value is an empty GPU.
 // It is a value type; copy it to branch.
 type Occupancy struct {
-	Mask  uint16
-	Count [maxProfiles]uint8
+	Mask    uint16             // occupied memory slices
+	Present uint16             // bit i: at least one instance of profile i
+	Count   [maxProfiles]uint8 // instances per profile index
 }
 
-// Fits reports why a profile (by index) cannot be added at start, or nil.
-// It checks, in order: the start is a placement of the profile, the memory
-// slices are free, the profile's instance count, and the media-engine rules
-// (a +me.all instance excludes all but -me profiles; distinct +me profiles
-// exclude each other, as NVIDIA documents one set of media engines).
+// Reasons a profile does not fit, from misfit.
+const (
+	fits = iota
+	badStart
+	overlap
+	tooMany
+	mediaConflict
+)
+
+// misfit checks, in order: the start is a placement of the profile, the
+// memory slices are free, the profile's instance count, and the
+// media-engine rules (a +me.all instance excludes all but -me profiles;
+// distinct +me profiles exclude each other, as NVIDIA documents one set of
+// media engines).
+func (m *Model) misfit(o *Occupancy, profile, start int) int {
+	p := &m.Profiles[profile]
+	switch {
+	case !containsInt(p.Starts, start):
+		return badStart
+	case o.Mask&m.Mask(profile, start) != 0:
+		return overlap
+	case int(o.Count[profile]) >= p.MaxCount:
+		return tooMany
+	case o.Present&m.excludes[profile] != 0:
+		return mediaConflict
+	}
+	return fits
+}
+
+// CanAdd reports whether a profile (by index) can be added at start.
+func (m *Model) CanAdd(o *Occupancy, profile, start int) bool {
+	return m.misfit(o, profile, start) == fits
+}
+
+// Fits says why a profile (by index) cannot be added at start, or nil.
 func (m *Model) Fits(o *Occupancy, profile, start int) error {
 	p := &m.Profiles[profile]
-	if !containsInt(p.Starts, start) {
+	switch m.misfit(o, profile, start) {
+	case badStart:
 		return fmt.Errorf("%s cannot start at memory slice %d on %s (starts: %s)", p.Name, start, m.Name, joinInts(p.Starts))
-	}
-	if o.Mask&m.Mask(profile, start) != 0 {
+	case overlap:
 		return fmt.Errorf("%s@%d overlaps memory slices already occupied", p.Name, start)
-	}
-	if int(o.Count[profile]) >= p.MaxCount {
+	case tooMany:
 		return fmt.Errorf("more than %d × %s on %s", p.MaxCount, p.Name, m.Name)
-	}
-	for q := range m.Profiles {
-		if o.Count[q] == 0 || q == profile {
-			continue
-		}
-		if other := m.Profiles[q].Name; excludes(p.Name, other) || excludes(other, p.Name) {
-			return fmt.Errorf("%s cannot share a GPU with %s (media engines)", p.Name, other)
+	case mediaConflict:
+		for q := range m.Profiles {
+			if o.Present&(1<<q)&m.excludes[profile] != 0 {
+				return fmt.Errorf("%s cannot share a GPU with %s (media engines)", p.Name, m.Profiles[q].Name)
+			}
 		}
 	}
 	return nil
@@ -65,16 +93,20 @@ func excludes(a, b ProfileName) bool {
 	return false
 }
 
-// Add records an instance; the caller has checked Fits.
+// Add records an instance; the caller has checked CanAdd.
 func (m *Model) Add(o *Occupancy, profile, start int) {
 	o.Mask |= m.Mask(profile, start)
 	o.Count[profile]++
+	o.Present |= 1 << profile
 }
 
 // Remove undoes Add.
 func (m *Model) Remove(o *Occupancy, profile, start int) {
 	o.Mask &^= m.Mask(profile, start)
 	o.Count[profile]--
+	if o.Count[profile] == 0 {
+		o.Present &^= 1 << profile
+	}
 }
 
 // Validate checks a complete layout of one GPU: known profiles, starts from
@@ -127,7 +159,7 @@ func (m *Model) Layouts(keep func(ProfileName) bool) [][]Slice {
 		out = append(out, l)
 		for i := from; i < len(cands); i++ {
 			c := cands[i]
-			if m.Fits(&o, c.profile, c.start) != nil {
+			if !m.CanAdd(&o, c.profile, c.start) {
 				continue
 			}
 			m.Add(&o, c.profile, c.start)
@@ -152,7 +184,7 @@ func (m *Model) CanExtend(layout []Slice, keep func(ProfileName) bool) bool {
 			continue
 		}
 		for _, s := range p.Starts {
-			if m.Fits(&o, i, s) == nil {
+			if m.CanAdd(&o, i, s) {
 				return true
 			}
 		}

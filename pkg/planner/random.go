@@ -1,0 +1,100 @@
+package planner
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// RandomOptions shapes a random snapshot, for tests, benchmarks and the
+// quality comparison.
+type RandomOptions struct {
+	Nodes       int
+	GPUsPerNode int
+	Models      []*mig.Model // a node's GPUs share a model, picked at random
+	Pods        int
+	// Partitioned is the probability that a GPU already has a layout; each
+	// of its slices is used with probability Used.
+	Partitioned float64
+	Used        float64
+	// MultiSlice is the probability that a pod asks for two slices.
+	MultiSlice float64
+	// Priorities is the number of priority levels (1 = all equal).
+	Priorities int
+	// Selective is the probability that a pod may use only half the nodes.
+	Selective float64
+}
+
+// Random builds a valid random snapshot from the seeded generator.
+func Random(r *rand.Rand, o RandomOptions) *Snapshot {
+	s := &Snapshot{}
+	for i := 0; i < o.Nodes; i++ {
+		m := o.Models[r.IntN(len(o.Models))]
+		n := Node{Name: fmt.Sprintf("node-%04d", i)}
+		layouts := StaticCandidates(m)
+		for gi := 0; gi < o.GPUsPerNode; gi++ {
+			g := GPU{Index: gi, Model: m}
+			if r.Float64() < o.Partitioned {
+				for _, sl := range layouts[r.IntN(len(layouts))] {
+					if r.Float64() < 0.25 {
+						continue // leave a gap
+					}
+					g.Slices = append(g.Slices, Slice{Profile: sl.Profile, Start: sl.Start, Used: r.Float64() < o.Used})
+				}
+			}
+			n.GPUs = append(n.GPUs, g)
+		}
+		s.Nodes = append(s.Nodes, n)
+	}
+	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for i := 0; i < o.Pods; i++ {
+		m := o.Models[r.IntN(len(o.Models))]
+		p := Pod{
+			Name:     fmt.Sprintf("pod-%05d", i),
+			Requests: map[mig.ProfileName]int{},
+			Created:  base.Add(time.Duration(i) * time.Second),
+		}
+		if o.Priorities > 1 {
+			p.Priority = int32(r.IntN(o.Priorities))
+		}
+		p.Requests[randomProfile(r, m)]++
+		if r.Float64() < o.MultiSlice {
+			p.Requests[randomProfile(r, m)]++
+		}
+		if r.Float64() < o.Selective && len(s.Nodes) > 1 {
+			for _, n := range s.Nodes {
+				if r.IntN(2) == 0 {
+					p.Nodes = append(p.Nodes, n.Name)
+				}
+			}
+			if p.Nodes == nil {
+				p.Nodes = []string{s.Nodes[0].Name}
+			}
+		}
+		s.Pods = append(s.Pods, p)
+	}
+	return s
+}
+
+// randomProfile draws a plain profile of the model, small ones more often:
+// weight 1/compute.
+func randomProfile(r *rand.Rand, m *mig.Model) mig.ProfileName {
+	var plain []mig.Profile
+	total := 0.0
+	for _, p := range m.Profiles {
+		if p.Name.Variant == mig.VariantNone {
+			plain = append(plain, p)
+			total += 1 / float64(p.ComputeSlices)
+		}
+	}
+	x := r.Float64() * total
+	for _, p := range plain {
+		x -= 1 / float64(p.ComputeSlices)
+		if x < 0 {
+			return p.Name
+		}
+	}
+	return plain[len(plain)-1].Name
+}
