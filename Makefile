@@ -32,7 +32,7 @@ bench: ## Planner latency benchmarks and the quality table (docs/benchmarks.md).
 fuzz: ## Fuzz the parsers for FUZZTIME each (default 30s).
 	$(GO) test -run '^$$' -fuzz FuzzParseProfile -fuzztime $(or $(FUZZTIME),30s) ./pkg/mig/
 	$(GO) test -run '^$$' -fuzz FuzzParseResourceName -fuzztime $(or $(FUZZTIME),30s) ./pkg/mig/
-	$(GO) test -run '^$$' -fuzz FuzzLoadScenario -fuzztime $(or $(FUZZTIME),30s) ./pkg/scenario/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(or $(FUZZTIME),30s) ./pkg/scenario/
 
 .PHONY: demo
 demo: ## Replay the seed scenario (5 × 1g.10gb on one A100-80GB) through every strategy.

@@ -1,7 +1,6 @@
 package planner
 
 import (
-	"math/rand/v2"
 	"sort"
 	"strconv"
 	"strings"
@@ -294,26 +293,11 @@ func TestSnapshotValidate(t *testing.T) {
 	}
 }
 
-// randomSmall draws the small snapshots on which strategies are compared
-// with the exact optimum.
-func randomSmall(seed uint64, priorities int) *Snapshot {
-	r := rand.New(rand.NewPCG(seed, 42))
-	models := []*mig.Model{}
-	for _, n := range []string{"A100-80GB", "H100-80GB", "A30"} {
-		m, _ := mig.ModelByName(n)
-		models = append(models, m)
-	}
-	return Random(r, RandomOptions{
-		Nodes: 1 + r.IntN(3), GPUsPerNode: 1 + r.IntN(2), Models: models[:1+r.IntN(3)],
-		Pods: 3 + r.IntN(8), Partitioned: 0.5, Used: 0.5, MultiSlice: 0.15, Priorities: priorities, Selective: 0.2,
-	})
-}
-
 // TestHardRulesOnRandomSnapshots checks every strategy's plans against the
 // hard rules, and that planning is deterministic.
 func TestHardRulesOnRandomSnapshots(t *testing.T) {
 	for seed := uint64(0); seed < 150; seed++ {
-		s := randomSmall(seed, 2)
+		s := RandomSmall(seed, 2)
 		require.NoError(t, s.Validate(), "seed %d", seed)
 		for _, st := range Strategies() {
 			p := st.Plan(s)
@@ -366,13 +350,13 @@ func lexLess(a, b []int) bool {
 func TestDynamigNearOptimal(t *testing.T) {
 	var dyn, opt, ff int
 	for seed := uint64(1000); seed < 1200; seed++ {
-		s := randomSmall(seed, 1)
+		s := RandomSmall(seed, 1)
 		d, o, f := Dynamig{}.Plan(s), Optimal{}.Plan(s), FirstFit{}.Plan(s)
 		require.LessOrEqual(t, d.Served, o.Served, "seed %d: dynamig beats the optimum: the optimum is wrong", seed)
 		require.LessOrEqual(t, f.Served, o.Served, "seed %d: firstfit beats the optimum", seed)
 		dyn, opt, ff = dyn+d.Served, opt+o.Served, ff+f.Served
 
-		s = randomSmall(seed, 2)
+		s = RandomSmall(seed, 2)
 		o = Optimal{}.Plan(s)
 		for _, st := range []Strategy{Dynamig{}, FirstFit{}, Nos{}} {
 			p := st.Plan(s)

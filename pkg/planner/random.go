@@ -98,3 +98,20 @@ func randomProfile(r *rand.Rand, m *mig.Model) mig.ProfileName {
 	}
 	return plain[len(plain)-1].Name
 }
+
+// RandomSmall draws one of the small snapshots on which strategies are
+// compared with the exact optimum: 1–3 nodes of 1–2 GPUs (A100-80GB,
+// H100-80GB, A30), 3–10 pods, half the GPUs partitioned and half their
+// slices used. priorities is the number of priority levels.
+func RandomSmall(seed uint64, priorities int) *Snapshot {
+	r := rand.New(rand.NewPCG(seed, 42))
+	var models []*mig.Model
+	for _, n := range []string{"A100-80GB", "H100-80GB", "A30"} {
+		m, _ := mig.ModelByName(n)
+		models = append(models, m)
+	}
+	return Random(r, RandomOptions{
+		Nodes: 1 + r.IntN(3), GPUsPerNode: 1 + r.IntN(2), Models: models[:1+r.IntN(3)],
+		Pods: 3 + r.IntN(8), Partitioned: 0.5, Used: 0.5, MultiSlice: 0.15, Priorities: priorities, Selective: 0.2,
+	})
+}
