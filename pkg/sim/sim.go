@@ -17,10 +17,10 @@ import (
 
 // Result is one strategy's outcome on a scenario.
 type Result struct {
-	Strategy         string  `json:"strategy"`
-	PodsTotal        int     `json:"podsTotal"`
-	PodsServed       int     `json:"podsServed"`
-	PodsNeverServed  int     `json:"podsNeverServed"`
+	Strategy        string `json:"strategy"`
+	PodsTotal       int    `json:"podsTotal"`
+	PodsServed      int    `json:"podsServed"`
+	PodsNeverServed int    `json:"podsNeverServed"`
 	// Wait is from arrival to bound; a pod never served counts the time
 	// from its arrival to the end of the run.
 	MeanWaitSeconds  float64 `json:"meanWaitSeconds"`
