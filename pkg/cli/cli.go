@@ -96,50 +96,47 @@ func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-func output(fs *flag.FlagSet) *string {
-	return fs.String("o", "table", "output format: table or json")
+// scenarioArgs are the arguments plan and sim share: one scenario FILE,
+// --strategy and -o.
+type scenarioArgs struct {
+	strategy, output string
+	sc               *scenario.Scenario
 }
 
-func checkOutput(o string) error {
-	if o != "table" && o != "json" {
-		return fmt.Errorf("%w: -o must be table or json, got %q", errUsage, o)
+func parseScenarioArgs(name, strategyHelp string, args []string, stderr io.Writer) (*scenarioArgs, error) {
+	fs := newFlags(name, stderr)
+	a := &scenarioArgs{}
+	fs.StringVar(&a.strategy, "strategy", "dynamig", strategyHelp)
+	fs.StringVar(&a.output, "o", "table", "output format: table or json")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return nil, err
 	}
-	return nil
-}
-
-// loadOne reads the single scenario file a command takes.
-func loadOne(pos []string) (*scenario.Scenario, error) {
+	if a.output != "table" && a.output != "json" {
+		return nil, fmt.Errorf("%w: -o must be table or json, got %q", errUsage, a.output)
+	}
 	if len(pos) != 1 {
 		return nil, fmt.Errorf("%w: want exactly one scenario FILE, got %d arguments", errUsage, len(pos))
 	}
-	return scenario.Load(pos[0])
+	a.sc, err = scenario.Load(pos[0])
+	return a, err
 }
 
 func runPlan(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("plan", stderr)
-	strategy := fs.String("strategy", "dynamig", "planning strategy: "+strategyNames())
-	out := output(fs)
-	pos, err := parse(fs, args)
+	a, err := parseScenarioArgs("plan", "planning strategy: "+strategyNames(), args, stderr)
 	if err != nil {
 		return err
 	}
-	if err := checkOutput(*out); err != nil {
-		return err
-	}
-	st, err := planner.StrategyByName(*strategy)
+	st, err := planner.StrategyByName(a.strategy)
 	if err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
-	sc, err := loadOne(pos)
-	if err != nil {
-		return err
-	}
-	snap := sc.Snapshot()
+	snap := a.sc.Snapshot()
 	p := st.Plan(snap)
 	if err := planner.Check(snap, p); err != nil {
 		return fmt.Errorf("internal error: %s plan breaks a hard rule: %w", st.Name(), err)
 	}
-	if *out == "json" {
+	if a.output == "json" {
 		return writeJSON(stdout, planJSON(p))
 	}
 	return writePlanTable(stdout, p)
@@ -219,35 +216,25 @@ func writePlanTable(w io.Writer, p *planner.Plan) error {
 }
 
 func runSim(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("sim", stderr)
-	strategy := fs.String("strategy", "dynamig", "strategy, or all: "+strategyNames())
-	out := output(fs)
-	pos, err := parse(fs, args)
+	a, err := parseScenarioArgs("sim", "strategy, or all: "+strategyNames(), args, stderr)
 	if err != nil {
 		return err
 	}
-	if err := checkOutput(*out); err != nil {
-		return err
-	}
-	sc, err := loadOne(pos)
-	if err != nil {
-		return err
-	}
-	names := []string{*strategy}
-	if *strategy == "all" {
-		names = simStrategies(sc)
-	} else if _, err := planner.StrategyByName(*strategy); err != nil {
+	names := []string{a.strategy}
+	if a.strategy == "all" {
+		names = simStrategies(a.sc)
+	} else if _, err := planner.StrategyByName(a.strategy); err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	var results []*sim.Result
 	for _, name := range names {
-		r, err := sim.Run(sc, name)
+		r, err := sim.Run(a.sc, name)
 		if err != nil {
 			return err
 		}
 		results = append(results, r)
 	}
-	if *out == "json" {
+	if a.output == "json" {
 		return writeJSON(stdout, results)
 	}
 	return writeSimTable(stdout, results)

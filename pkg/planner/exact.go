@@ -227,5 +227,5 @@ func (g *gpuState) setLayout(l []mig.Slice) {
 		g.model.Add(&g.occ, q, s.Start)
 		g.free = append(g.free, slot{prof: q, start: s.Start, fresh: true})
 	}
-	g.ok = false
+	g.have = 0
 }

@@ -25,6 +25,9 @@ type RandomOptions struct {
 	Priorities int
 	// Selective is the probability that a pod may use only half the nodes.
 	Selective float64
+	// Bound is the probability that a free slice is requested by a pod
+	// already bound to the node whose device kubelet has not allocated yet.
+	Bound float64
 }
 
 // Random builds a valid random snapshot from the seeded generator.
@@ -41,7 +44,14 @@ func Random(r *rand.Rand, o RandomOptions) *Snapshot {
 					if r.Float64() < 0.25 {
 						continue // leave a gap
 					}
-					g.Slices = append(g.Slices, Slice{Profile: sl.Profile, Start: sl.Start, Used: r.Float64() < o.Used})
+					used := r.Float64() < o.Used
+					if used || r.Float64() < o.Bound {
+						if n.Bound == nil {
+							n.Bound = map[mig.ProfileName]int{}
+						}
+						n.Bound[sl.Profile]++
+					}
+					g.Slices = append(g.Slices, Slice{Profile: sl.Profile, Start: sl.Start, Used: used})
 				}
 			}
 			n.GPUs = append(n.GPUs, g)
@@ -102,7 +112,8 @@ func randomProfile(r *rand.Rand, m *mig.Model) mig.ProfileName {
 // RandomSmall draws one of the small snapshots on which strategies are
 // compared with the exact optimum: 1–3 nodes of 1–2 GPUs (A100-80GB,
 // H100-80GB, A30), 3–10 pods, half the GPUs partitioned and half their
-// slices used. priorities is the number of priority levels.
+// slices used, a fifth of the free ones requested by bound pods.
+// priorities is the number of priority levels.
 func RandomSmall(seed uint64, priorities int) *Snapshot {
 	r := rand.New(rand.NewPCG(seed, 42))
 	var models []*mig.Model
@@ -112,6 +123,6 @@ func RandomSmall(seed uint64, priorities int) *Snapshot {
 	}
 	return Random(r, RandomOptions{
 		Nodes: 1 + r.IntN(3), GPUsPerNode: 1 + r.IntN(2), Models: models[:1+r.IntN(3)],
-		Pods: 3 + r.IntN(8), Partitioned: 0.5, Used: 0.5, MultiSlice: 0.15, Priorities: priorities, Selective: 0.2,
+		Pods: 3 + r.IntN(8), Partitioned: 0.5, Used: 0.5, MultiSlice: 0.15, Priorities: priorities, Selective: 0.2, Bound: 0.2,
 	})
 }

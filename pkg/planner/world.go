@@ -46,8 +46,8 @@ type demandItem struct{ prof, count int }
 type nodeState struct {
 	name string
 	gpus []*gpuState
-	best []option // per global profile id; valid while bestOK
-	ok   bool
+	best []option // per global profile id, computed on demand
+	have []bool   // per global profile id: best is current
 }
 
 type gpuState struct {
@@ -60,7 +60,7 @@ type gpuState struct {
 	occ    mig.Occupancy
 	avail  uint16 // memory slices not held by pinned, assigned or created slices
 	best   []option
-	ok     bool
+	have   uint16 // bit q: best[q] is current
 }
 
 // slot is a slice inside the planner: model profile index, start, state.
@@ -182,7 +182,7 @@ func newWorld(s *Snapshot) *world {
 		}
 	}
 	for _, p := range s.Pods {
-		for prof := range p.Requests {
+		for _, prof := range sortedProfiles(p.Requests) {
 			intern(prof)
 		}
 	}
@@ -288,14 +288,12 @@ func (g *gpuState) held() uint16 { return g.model.FullMask() &^ g.avail }
 // options returns the best way to get one slice of model profile q, from
 // the cache.
 func (g *gpuState) option(q int) option {
-	if !g.ok {
+	if g.have&(1<<q) == 0 {
 		if g.best == nil {
 			g.best = make([]option, len(g.model.Profiles))
 		}
-		for i := range g.best {
-			g.best[i] = g.computeOption(i)
-		}
-		g.ok = true
+		g.best[q] = g.computeOption(q)
+		g.have |= 1 << q
 	}
 	return g.best[q]
 }
@@ -367,34 +365,36 @@ func (g *gpuState) apply(o option, q int) {
 		g.free = append(g.free, slot{prof: q, start: o.start, fresh: true, state: slotAssigned})
 	}
 	g.avail &^= mask
-	g.ok = false
+	g.have = 0
 }
 
 // bestOn returns the best option for global profile id on a node.
 func (n *nodeState) bestOn(id int) option {
-	if !n.ok {
-		if n.best == nil {
-			n.best = make([]option, len(n.gpus[0].local))
-		}
-		for i := range n.best {
-			n.best[i] = option{}
-		}
+	if n.have == nil {
+		n.best = make([]option, len(n.gpus[0].local))
+		n.have = make([]bool, len(n.gpus[0].local))
+	}
+	if !n.have[id] {
+		best := option{}
 		for gi, g := range n.gpus {
-			for id := range n.best {
-				q := g.local[id]
-				if q < 0 {
-					continue
-				}
+			if q := g.local[id]; q >= 0 {
 				o := g.option(q)
 				o.gpu = gi
-				if o.better(n.best[id]) {
-					n.best[id] = o
+				if o.better(best) {
+					best = o
 				}
 			}
 		}
-		n.ok = true
+		n.best[id], n.have[id] = best, true
 	}
 	return n.best[id]
+}
+
+// changed drops the node's cached options after one of its GPUs changed.
+func (n *nodeState) changed() {
+	for i := range n.have {
+		n.have[i] = false
+	}
 }
 
 // place puts one slice of global profile id on the node's best option and
@@ -407,7 +407,7 @@ func (n *nodeState) place(id int) (SliceRef, option, bool) {
 	g := n.gpus[o.gpu]
 	q := g.local[id]
 	g.apply(o, q)
-	n.ok = false
+	n.changed()
 	return SliceRef{GPU: g.index, Profile: g.model.Profiles[q].Name, Start: o.start}, o, true
 }
 
@@ -418,8 +418,7 @@ func (n *nodeState) clone() *nodeState {
 		cg := *g
 		cg.pinned = g.pinned // never mutated
 		cg.free = append([]slot(nil), g.free...)
-		cg.best = nil
-		cg.ok = false
+		cg.best, cg.have = nil, 0
 		c.gpus = append(c.gpus, &cg)
 	}
 	return c
