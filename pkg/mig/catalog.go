@@ -45,16 +45,6 @@ func (m *Model) ProfileIndex(p ProfileName) (int, bool) {
 	return i, ok
 }
 
-// Profile returns the named profile, or an error naming the profiles the
-// model has.
-func (m *Model) Profile(p ProfileName) (*Profile, error) {
-	i, ok := m.index[p]
-	if !ok {
-		return nil, fmt.Errorf("%w: %s does not exist on %s (profiles: %s)", ErrInvalidProfile, p, m.Name, m.profileList())
-	}
-	return &m.Profiles[i], nil
-}
-
 func (m *Model) profileList() string {
 	names := make([]string, len(m.Profiles))
 	for i, p := range m.Profiles {
@@ -227,9 +217,9 @@ func ModelByName(name string) (*Model, error) {
 			}
 		}
 	}
-	names := make([]string, len(catalog))
-	for i, m := range catalog {
-		names[i] = m.Name
+	var names []string
+	for _, m := range Models() {
+		names = append(names, m.Name)
 	}
 	return nil, fmt.Errorf("unknown GPU model %q (known: %s)", name, strings.Join(names, ", "))
 }

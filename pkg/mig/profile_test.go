@@ -103,9 +103,9 @@ func TestCatalogConsistent(t *testing.T) {
 			if p.MemorySlices == m.MemorySlices {
 				whole = true
 			}
-			got, err := m.Profile(p.Name)
-			require.NoError(t, err)
-			assert.Equal(t, p.Name, got.Name)
+			i, ok := m.ProfileIndex(p.Name)
+			require.True(t, ok)
+			assert.Equal(t, p.Name, m.Profiles[i].Name)
 		}
 		assert.True(t, whole, m.Name)
 		assert.Len(t, m.index, len(m.Profiles), "%s: duplicate profile names", m.Name)

@@ -204,6 +204,7 @@ func TestEligibilityAndModels(t *testing.T) {
 		Nodes: []Node{
 			{Name: "a100", GPUs: []GPU{gpu(a100, 0)}},
 			{Name: "a30", GPUs: []GPU{gpu(a30, 0)}},
+			{Name: "no-gpus"},
 			{Name: "other", GPUs: []GPU{gpu(a100, 0)}},
 		},
 		Pods: []Pod{pod("a30-pod", "2g.12gb"), pod("pinned", "1g.10gb"), pod("nowhere", "7g.80gb"), pod("none", "1g.10gb")},
@@ -212,6 +213,9 @@ func TestEligibilityAndModels(t *testing.T) {
 	s.Pods[2].Nodes = []string{"a30"}
 	s.Pods[3].Nodes = []string{}
 	p := plan(t, Dynamig{}, s)
+	for _, st := range Strategies() {
+		plan(t, st, s)
+	}
 	assert.Equal(t, "a30", p.Pods[0].Node)
 	assert.Equal(t, "other", p.Pods[1].Node)
 	assert.Equal(t, "no GPU on the 1 eligible node(s) offers profile 7g.80gb", p.Pods[2].Reason)

@@ -44,10 +44,11 @@ type podState struct {
 type demandItem struct{ prof, count int }
 
 type nodeState struct {
-	name string
-	gpus []*gpuState
-	best []option // per global profile id, computed on demand
-	have []bool   // per global profile id: best is current
+	name     string
+	profiles int // global profile ids
+	gpus     []*gpuState
+	best     []option // per global profile id, computed on demand
+	have     []bool   // per global profile id: best is current
 }
 
 type gpuState struct {
@@ -220,7 +221,7 @@ func newWorld(s *Snapshot) *world {
 // buildNode builds node ni's planning state as the snapshot has it.
 func (w *world) buildNode(ni int) *nodeState {
 	n := &w.snap.Nodes[ni]
-	ns := &nodeState{name: n.Name}
+	ns := &nodeState{name: n.Name, profiles: len(w.profs)}
 	for _, g := range n.GPUs {
 		local, ok := w.locals[g.Model]
 		if !ok {
@@ -371,8 +372,8 @@ func (g *gpuState) apply(o option, q int) {
 // bestOn returns the best option for global profile id on a node.
 func (n *nodeState) bestOn(id int) option {
 	if n.have == nil {
-		n.best = make([]option, len(n.gpus[0].local))
-		n.have = make([]bool, len(n.gpus[0].local))
+		n.best = make([]option, n.profiles)
+		n.have = make([]bool, n.profiles)
 	}
 	if !n.have[id] {
 		best := option{}
@@ -413,7 +414,7 @@ func (n *nodeState) place(id int) (SliceRef, option, bool) {
 
 // clone copies a node's mutable state so that a placement can be tried.
 func (n *nodeState) clone() *nodeState {
-	c := &nodeState{name: n.name}
+	c := &nodeState{name: n.name, profiles: n.profiles}
 	for _, g := range n.gpus {
 		cg := *g
 		cg.pinned = g.pinned // never mutated

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/planner"
 )
 
 func TestLoadExamples(t *testing.T) {
@@ -93,7 +94,8 @@ func TestMarshalRoundTrip(t *testing.T) {
 }
 
 // FuzzParse: any input either fails with an error or yields a scenario
-// that survives a write and a re-read, and whose snapshot is valid.
+// that survives a write and a re-read, whose snapshot is valid, and whose
+// plans keep the hard rules under every strategy.
 func FuzzParse(f *testing.F) {
 	for _, name := range []string{"seed.yaml", "mixed.yaml"} {
 		data, err := os.ReadFile(filepath.Join("../../examples", name))
@@ -106,8 +108,16 @@ func FuzzParse(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if err := s.Snapshot().Validate(); err != nil {
+		snap := s.Snapshot()
+		if err := snap.Validate(); err != nil {
 			t.Fatalf("parsed scenario gives an invalid snapshot: %v", err)
+		}
+		if len(snap.Pods) <= 20 && len(snap.Nodes) <= 8 {
+			for _, st := range planner.Strategies() {
+				if err := planner.Check(snap, st.Plan(snap)); err != nil {
+					t.Fatalf("%s: %v", st.Name(), err)
+				}
+			}
 		}
 		out, err := s.Marshal()
 		if err != nil {
