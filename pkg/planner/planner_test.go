@@ -371,3 +371,32 @@ func TestDynamigNearOptimal(t *testing.T) {
 	assert.GreaterOrEqual(t, float64(dyn), 0.99*float64(opt))
 	assert.Greater(t, dyn, ff)
 }
+
+// TestConcurrentPlans plans the same snapshot from several goroutines, as a
+// scheduler with parallel cycles would: the shared per-model caches must
+// be safe (run under -race) and every plan identical.
+func TestConcurrentPlans(t *testing.T) {
+	s := RandomSmall(7, 2)
+	want := Dynamig{}.Plan(s)
+	plans := make([]*Plan, 8)
+	done := make(chan int)
+	for i := range plans {
+		go func() {
+			st := Strategies()[i%len(Strategies())]
+			if st.Name() == "dynamig" {
+				plans[i] = st.Plan(s)
+			} else {
+				st.Plan(s)
+			}
+			done <- i
+		}()
+	}
+	for range plans {
+		<-done
+	}
+	for _, p := range plans {
+		if p != nil {
+			require.Empty(t, cmp.Diff(want, p))
+		}
+	}
+}
