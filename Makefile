@@ -35,5 +35,7 @@ fuzz: ## Fuzz the parsers for FUZZTIME each (default 30s).
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(or $(FUZZTIME),30s) ./pkg/scenario/
 
 .PHONY: demo
-demo: ## Replay the seed scenario (5 × 1g.10gb on one A100-80GB) through every strategy.
+demo: ## Plan the seed scenario (5 × 1g.10gb on one A100-80GB), then replay it under every strategy.
+	$(GO) run ./cmd/dynamig plan examples/seed.yaml
+	@echo
 	$(GO) run ./cmd/dynamig sim examples/seed.yaml --strategy all
