@@ -3,6 +3,8 @@ GO       ?= go
 BIN      := bin
 PKGS     := ./...
 BENCHTIME ?= 20x
+CONTROLLER_GEN := $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
+GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds
 
 .DEFAULT_GOAL := help
 
@@ -19,9 +21,16 @@ test: ## Run all tests with the race detector.
 	$(GO) test -race -count=1 $(PKGS)
 
 .PHONY: verify
-verify: ## Check formatting and go vet.
+verify: ## Check formatting, go vet, and that generated files are up to date.
 	@out="$$(gofmt -l $$(git ls-files '*.go'))"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	@$(MAKE) --no-print-directory generate
+	@if ! git diff --quiet -- $(GENERATED) || [ -n "$$(git ls-files --others --exclude-standard -- $(GENERATED))" ]; then \
+		echo "generated files are stale; run make generate and commit:"; git status --short -- $(GENERATED); exit 1; fi
+
+.PHONY: generate
+generate: ## Regenerate deepcopy code and the CRDs in manifests/crds (controller-gen, pinned).
+	$(CONTROLLER_GEN) object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./manifests/crds
 
 .PHONY: bench
 bench: ## Planner latency benchmarks and the quality table (docs/benchmarks.md).
