@@ -1,0 +1,60 @@
+package dynamicmig
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	v1 "k8s.io/api/core/v1"
+	resourcehelper "k8s.io/component-helpers/resource"
+
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// Demand is a pod's MIG request: slices per profile, all on one node.
+type Demand map[mig.ProfileName]int
+
+// podDemand reads a pod's MIG request the way kubelet and NodeResourcesFit
+// count it: the larger of the init containers and the app containers plus
+// sidecars (requests default from limits for extended resources). A
+// resource in the MIG namespace that does not name a profile is an error
+// naming the resource.
+func podDemand(pod *v1.Pod) (Demand, error) {
+	var d Demand
+	var errs []error
+	reqs := resourcehelper.PodRequests(pod, resourcehelper.PodResourcesOptions{})
+	for name, q := range reqs {
+		if !mig.IsMIGResource(string(name)) || q.IsZero() {
+			continue
+		}
+		p, err := mig.ParseResourceName(string(name))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if d == nil {
+			d = Demand{}
+		}
+		d[p] += int(q.Value())
+	}
+	if len(errs) > 0 {
+		sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+		return nil, errors.Join(errs...)
+	}
+	return d, nil
+}
+
+// String prints a demand: "1g.10gb×2 + 3g.40gb".
+func (d Demand) String() string {
+	var parts []string
+	for p, n := range d {
+		if n == 1 {
+			parts = append(parts, p.String())
+		} else {
+			parts = append(parts, fmt.Sprintf("%s×%d", p, n))
+		}
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, " + ")
+}

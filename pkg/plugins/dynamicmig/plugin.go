@@ -1,0 +1,256 @@
+// Package dynamicmig is the DynamicMIG scheduler plugin. PreFilter reads a
+// pod's MIG demand; Filter keeps pods off slices that a published plan is
+// about to remove; PostFilter plans new MIG layouts for all pending MIG
+// pods at once (package planner), publishes them to the NodePartition
+// specs, nominates the pod's node and leaves the pod Unschedulable until
+// the node agent has applied the layout and kubelet advertises the slices.
+package dynamicmig
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/klog/v2"
+	fwk "k8s.io/kube-scheduler/framework"
+	"k8s.io/kubernetes/pkg/scheduler/framework"
+
+	"github.com/dynamig/dynamig/pkg/apis/config"
+	configv1 "github.com/dynamig/dynamig/pkg/apis/config/v1"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// Name is the plugin's name in a KubeSchedulerConfiguration.
+const Name = "DynamicMIG"
+
+const (
+	stateKey    fwk.StateKey = "PreFilter" + Name
+	simulateKey fwk.StateKey = Name + "/simulate"
+)
+
+// DynamicMIG is the plugin.
+type DynamicMIG struct {
+	h          fwk.Handle
+	fw         framework.Framework // for PreFilter of other pending pods
+	args       *config.DynamicMIGArgs
+	selector   labels.Selector
+	partitions *partitions
+	now        func() time.Time
+
+	mu     sync.Mutex // serialises planning and publishing
+	planNo uint64
+}
+
+var (
+	_ fwk.PreFilterPlugin   = &DynamicMIG{}
+	_ fwk.FilterPlugin      = &DynamicMIG{}
+	_ fwk.PostFilterPlugin  = &DynamicMIG{}
+	_ fwk.EnqueueExtensions = &DynamicMIG{}
+)
+
+// New builds the plugin from its arguments (see package config/v1). Bad
+// arguments stop the scheduler with a message naming the field.
+func New(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, error) {
+	args, err := configv1.Decode(obj)
+	if err != nil {
+		return nil, err
+	}
+	sel, err := labels.Parse(args.NodeSelector)
+	if err != nil {
+		return nil, fmt.Errorf("DynamicMIG args: nodeSelector: %w", err)
+	}
+	fw, ok := h.(framework.Framework)
+	if !ok {
+		return nil, fmt.Errorf("DynamicMIG needs the scheduler's framework handle, got %T", h)
+	}
+	registerMetrics()
+	parts, err := newPartitions(ctx, h.KubeConfig(), func(np *v1alpha1.NodePartition) {
+		if t := planTime(np); !t.IsZero() {
+			planToApplied.Observe(time.Since(t).Seconds())
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	klog.FromContext(ctx).V(2).Info("DynamicMIG ready", "nodeSelector", args.NodeSelector, "planTimeout", args.PlanTimeout,
+		"maxNodesPerPlan", args.MaxNodesPerPlan, "maxPendingPodsPerPlan", args.MaxPendingPodsPerPlan)
+	return &DynamicMIG{h: h, fw: fw, args: args, selector: sel, partitions: parts, now: time.Now}, nil
+}
+
+// Name implements fwk.Plugin.
+func (p *DynamicMIG) Name() string { return Name }
+
+// preFilterState is the pod's MIG demand.
+type preFilterState struct{ demand Demand }
+
+// Clone implements fwk.StateData; the demand is never modified.
+func (s *preFilterState) Clone() fwk.StateData { return s }
+
+func getState(state fwk.CycleState) (*preFilterState, error) {
+	d, err := state.Read(stateKey)
+	if err != nil {
+		return nil, fmt.Errorf("reading %q from the cycle state: %w", stateKey, err)
+	}
+	s, ok := d.(*preFilterState)
+	if !ok {
+		return nil, fmt.Errorf("%q holds %T, not the DynamicMIG pre-filter state", stateKey, d)
+	}
+	return s, nil
+}
+
+// PreFilter reads the pod's MIG demand. Pods without one are skipped (their
+// Filter is not run and PostFilter returns at once). A malformed MIG
+// resource name is UnschedulableAndUnresolvable with an event: no layout
+// can serve it.
+func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, _ []fwk.NodeInfo) (*fwk.PreFilterResult, *fwk.Status) {
+	d, err := podDemand(pod)
+	if err != nil {
+		if _, simErr := state.Read(simulateKey); simErr != nil { // the pod's own cycle
+			p.h.EventRecorder().Eventf(pod, nil, v1.EventTypeWarning, ReasonInvalidRequest, "Scheduling", "%v", err)
+		}
+		return nil, fwk.NewStatus(fwk.UnschedulableAndUnresolvable, err.Error())
+	}
+	if len(d) == 0 {
+		return nil, fwk.NewStatus(fwk.Skip)
+	}
+	state.Write(stateKey, &preFilterState{demand: d})
+	return nil, nil
+}
+
+// PreFilterExtensions implements fwk.PreFilterPlugin.
+func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil }
+
+// Filter rejects a node whose published plan is not applied yet when the
+// pod would need a slice the plan removes: until the agent reports the
+// plan applied, kubelet may still advertise slices that are about to go.
+func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, ni fwk.NodeInfo) *fwk.Status {
+	if _, err := state.Read(simulateKey); err == nil {
+		return nil
+	}
+	s, err := getState(state)
+	if err != nil {
+		return fwk.AsStatus(err)
+	}
+	node := ni.Node()
+	np, err := p.partitions.get(node.Name)
+	if err != nil {
+		return fwk.AsStatus(err)
+	}
+	if !inFlight(np) {
+		return nil
+	}
+	planned := plannedCounts(np)
+	requested := ni.GetRequested().GetScalarResources()
+	allocatable := ni.GetAllocatable().GetScalarResources()
+	for prof, want := range s.demand {
+		r := v1.ResourceName(prof.ResourceName())
+		usable := min(allocatable[r], int64(planned[prof])) - requested[r]
+		if usable < int64(want) {
+			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", prof, node.Name, np.Spec.PlanID))
+		}
+	}
+	return nil
+}
+
+// plannedCounts counts slices per profile in the layout a NodePartition's
+// spec asks for: the spec's GPUs as listed, the others as they are.
+func plannedCounts(np *v1alpha1.NodePartition) map[mig.ProfileName]int {
+	counts := map[mig.ProfileName]int{}
+	listed := map[int32]bool{}
+	add := func(profile string) {
+		if p, err := mig.ParseProfile(profile); err == nil {
+			counts[p]++
+		}
+	}
+	for _, g := range np.Spec.GPUs {
+		listed[g.Index] = true
+		for _, s := range g.Slices {
+			add(s.Profile)
+		}
+	}
+	for _, g := range np.Status.GPUs {
+		if listed[g.Index] {
+			continue
+		}
+		for _, s := range g.Slices {
+			add(s.Profile)
+		}
+	}
+	return counts
+}
+
+// EventsToRegister: a pod rejected for MIG capacity may fit when a Node's
+// allocatable grows or a NodePartition's plan is applied.
+func (p *DynamicMIG) EventsToRegister(context.Context) ([]fwk.ClusterEventWithHint, error) {
+	return []fwk.ClusterEventWithHint{
+		{Event: fwk.ClusterEvent{Resource: fwk.Node, ActionType: fwk.Add | fwk.UpdateNodeAllocatable}, QueueingHintFn: p.isSchedulableAfterNodeChange},
+		{Event: fwk.ClusterEvent{Resource: nodePartitionEvent, ActionType: fwk.Add | fwk.Update}, QueueingHintFn: p.isSchedulableAfterPartitionChange},
+	}, nil
+}
+
+// nodePartitionEvent is the NodePartition resource as the scheduler's
+// dynamic informers name it.
+const nodePartitionEvent fwk.EventResource = "nodepartitions.v1alpha1.dynamig.io"
+
+func (p *DynamicMIG) isSchedulableAfterNodeChange(logger klog.Logger, pod *v1.Pod, oldObj, newObj any) (fwk.QueueingHint, error) {
+	newNode, ok := newObj.(*v1.Node)
+	if !ok {
+		return fwk.Queue, fmt.Errorf("expected a Node, got %T", newObj)
+	}
+	oldNode, _ := oldObj.(*v1.Node)
+	d, err := podDemand(pod)
+	if err != nil {
+		return fwk.QueueSkip, nil
+	}
+	for prof, want := range d {
+		r := v1.ResourceName(prof.ResourceName())
+		nq, ok := newNode.Status.Allocatable[r]
+		if !ok || nq.Value() < int64(want) {
+			continue
+		}
+		if oldNode != nil {
+			if oq, ok := oldNode.Status.Allocatable[r]; ok && oq.Cmp(nq) >= 0 {
+				continue
+			}
+		}
+		logger.V(5).Info("MIG capacity grew on the node", "pod", klog.KObj(pod), "node", newNode.Name, "resource", r, "allocatable", nq.Value())
+		return fwk.Queue, nil
+	}
+	logger.V(5).Info("no MIG capacity the pod needs appeared on the node", "pod", klog.KObj(pod), "node", newNode.Name)
+	return fwk.QueueSkip, nil
+}
+
+func (p *DynamicMIG) isSchedulableAfterPartitionChange(logger klog.Logger, pod *v1.Pod, oldObj, newObj any) (fwk.QueueingHint, error) {
+	np, err := fromUnstructured(newObj)
+	if err != nil {
+		return fwk.Queue, err
+	}
+	var oldApplied string
+	if oldObj != nil {
+		if old, err := fromUnstructured(oldObj); err == nil {
+			oldApplied = old.Status.ObservedPlanID
+		}
+	}
+	if np.Status.ObservedPlanID != "" && np.Status.ObservedPlanID != oldApplied && !inFlight(np) {
+		logger.V(5).Info("a plan was applied", "pod", klog.KObj(pod), "node", np.Name, "plan", np.Status.ObservedPlanID)
+		return fwk.Queue, nil
+	}
+	return fwk.QueueSkip, nil
+}
+
+// describe prints the slices a plan creates on a node: "1g.10gb×5 on node-a gpu 0".
+func describe(created map[int]Demand, node string) string {
+	var parts []string
+	for gpu := 0; gpu < 64; gpu++ {
+		if d, ok := created[gpu]; ok {
+			parts = append(parts, fmt.Sprintf("%s on %s gpu %d", d, node, gpu))
+		}
+	}
+	return strings.Join(parts, ", ")
+}

@@ -1,0 +1,271 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/component-base/metrics/legacyregistry"
+
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+const schedulerName = "dynamig-scheduler"
+
+// TestScheduler runs every scenario on one API server, one after another;
+// each starts its own scheduler and fake agent and cleans up its nodes.
+func TestScheduler(t *testing.T) {
+	c := startCluster(t)
+	t.Run("seed", c.testSeed)
+	t.Run("used slices are kept", c.testUsedSlicesKept)
+	t.Run("node constraints", c.testNodeConstraints)
+	t.Run("bad input", c.testBadInput)
+	t.Run("non-GPU pod", c.testNonGPUPod)
+}
+
+// migPod is a pod of dynamig-scheduler asking for MIG resources, given as
+// "nvidia.com/mig-1g.10gb" (one) or "nvidia.com/mig-1g.10gb=2".
+func migPod(ns, name string, resources ...string) *v1.Pod {
+	limits := v1.ResourceList{}
+	for _, r := range resources {
+		res, n, ok := strings.Cut(r, "=")
+		if !ok {
+			n = "1"
+		}
+		limits[v1.ResourceName(res)] = resource.MustParse(n)
+	}
+	return &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: v1.PodSpec{
+			SchedulerName: schedulerName,
+			Containers: []v1.Container{{Name: "main", Image: "registry.k8s.io/pause:3.10",
+				Resources: v1.ResourceRequirements{Limits: limits, Requests: limits}}},
+		},
+	}
+}
+
+func (c *cluster) create(t *testing.T, pods ...*v1.Pod) {
+	for _, p := range pods {
+		_, err := c.cs.CoreV1().Pods(p.Namespace).Create(context.Background(), p, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+}
+
+// waitBound waits until every pod is bound and returns their nodes.
+func (c *cluster) waitBound(t *testing.T, ns string, names ...string) map[string]string {
+	nodes := map[string]string{}
+	waitFor(t, 60*time.Second, fmt.Sprintf("pods %v bound", names), func() (bool, error) {
+		for _, n := range names {
+			p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), n, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			if p.Spec.NodeName == "" {
+				return false, nil
+			}
+			nodes[n] = p.Spec.NodeName
+		}
+		return true, nil
+	})
+	return nodes
+}
+
+// unschedulable waits until the pod's PodScheduled condition is False with
+// reason Unschedulable and returns its message.
+func (c *cluster) unschedulable(t *testing.T, ns, name string) string {
+	var msg string
+	waitFor(t, 30*time.Second, "pod "+name+" unschedulable", func() (bool, error) {
+		p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		for _, cond := range p.Status.Conditions {
+			if cond.Type == v1.PodScheduled && cond.Status == v1.ConditionFalse && cond.Reason == v1.PodReasonUnschedulable {
+				msg = cond.Message
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	return msg
+}
+
+// events returns the reasons and notes of the events about a pod.
+func (c *cluster) events(t *testing.T, ns, name string) map[string]string {
+	list, err := c.cs.EventsV1().Events(ns).List(context.Background(), metav1.ListOptions{})
+	require.NoError(t, err)
+	out := map[string]string{}
+	for _, e := range list.Items {
+		if e.Regarding.Name == name {
+			out[e.Reason] = e.Note
+		}
+	}
+	return out
+}
+
+// counter sums a counter of the legacy registry with the given labels.
+func counter(t *testing.T, name string, labels map[string]string) float64 {
+	families, err := legacyregistry.DefaultGatherer.Gather()
+	require.NoError(t, err)
+	total := 0.0
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if want, ok := labels[l.GetName()]; ok && want != l.GetValue() {
+					continue metrics
+				}
+			}
+			total += m.GetCounter().GetValue()
+		}
+	}
+	return total
+}
+
+// The seed: one A100-80GB with MIG on and no slices, five pods asking for
+// a 1g.10gb each → all five bound, on a valid layout with five 1g.10gb.
+func (c *cluster) testSeed(t *testing.T) {
+	ns := c.namespace(t, "seed")
+	c.addNode(t, "seed-a", []string{"A100-80GB"}, nil, nil)
+	c.startAgent(t, "seed-a")
+	c.startScheduler(t)
+	planned := counter(t, "dynamig_scheduler_plans_total", map[string]string{"result": "planned"})
+
+	var names []string
+	for i := 0; i < 5; i++ {
+		names = append(names, fmt.Sprintf("seed-%d", i))
+		c.create(t, migPod(ns, names[i], "nvidia.com/mig-1g.10gb"))
+	}
+	nodes := c.waitBound(t, ns, names...)
+	for _, n := range names {
+		assert.Equal(t, "seed-a", nodes[n])
+	}
+	np := c.partition(t, "seed-a")
+	m, _ := mig.ModelByName("A100-80GB")
+	var layout []mig.Slice
+	ones := 0
+	for _, g := range np.Spec.GPUs {
+		for _, s := range g.Slices {
+			p, err := mig.ParseProfile(s.Profile)
+			require.NoError(t, err)
+			layout = append(layout, mig.Slice{Profile: p, Start: int(s.Start)})
+			if s.Profile == "1g.10gb" {
+				ones++
+			}
+		}
+	}
+	require.NoError(t, m.Validate(layout))
+	assert.GreaterOrEqual(t, ones, 5)
+	assert.Equal(t, np.Spec.PlanID, np.Status.ObservedPlanID)
+
+	ev := c.events(t, ns, names[0])
+	assert.Contains(t, ev, "MIGRepartitionPlanned")
+	assert.Contains(t, ev["MIGRepartitionPlanned"], "1g.10gb")
+	assert.Greater(t, counter(t, "dynamig_scheduler_plans_total", map[string]string{"result": "planned"}), planned)
+}
+
+// Used slices are kept: a pod runs on a 3g.40gb at 0; a 4g.40gb (which
+// needs slices 0–3) cannot be planned and waits with a reason; a 3g.40gb is
+// served at 4, and the published layout still has the used slice.
+func (c *cluster) testUsedSlicesKept(t *testing.T) {
+	ns := c.namespace(t, "used")
+	c.addNode(t, "used-a", []string{"A100-80GB"}, nil, slicesOf{0: {{Profile: "3g.40gb", Start: 0}}})
+	running := migPod(ns, "running", "nvidia.com/mig-3g.40gb")
+	running.Spec.NodeName = "used-a" // bound before dynamig saw it
+	c.create(t, running)
+	c.startAgent(t, "used-a")
+	waitFor(t, 10*time.Second, "the running pod's slice marked used", func() (bool, error) {
+		np := c.partition(t, "used-a")
+		return len(np.Status.GPUs[0].Slices) == 1 && np.Status.GPUs[0].Slices[0].Used, nil
+	})
+	c.startScheduler(t)
+
+	c.create(t, migPod(ns, "big", "nvidia.com/mig-4g.40gb"))
+	msg := c.unschedulable(t, ns, "big")
+	assert.Contains(t, msg, "no MIG layout can serve 4g.40gb now")
+
+	c.create(t, migPod(ns, "mid", "nvidia.com/mig-3g.40gb"))
+	c.waitBound(t, ns, "mid")
+	np := c.partition(t, "used-a")
+	assert.Equal(t, []string{"3g.40gb@0", "3g.40gb@4"}, specLayout(np, 0))
+	p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "big", metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Empty(t, p.Spec.NodeName, "the 4g.40gb still waits")
+}
+
+// Node constraints: a nodeSelector and a taint keep the plan off the nodes
+// the pod may not use.
+func (c *cluster) testNodeConstraints(t *testing.T) {
+	ns := c.namespace(t, "constraints")
+	c.addNode(t, "zone-a", []string{"A100-80GB"}, map[string]string{"zone": "a"}, nil)
+	c.addNode(t, "zone-b", []string{"A100-80GB"}, map[string]string{"zone": "b"}, nil)
+	c.addNode(t, "tainted", []string{"A100-80GB"}, map[string]string{"zone": "b"}, nil)
+	node, err := c.cs.CoreV1().Nodes().Get(context.Background(), "tainted", metav1.GetOptions{})
+	require.NoError(t, err)
+	node.Spec.Taints = []v1.Taint{{Key: "dedicated", Value: "other", Effect: v1.TaintEffectNoSchedule}}
+	_, err = c.cs.CoreV1().Nodes().Update(context.Background(), node, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	c.startAgent(t, "zone-a", "zone-b", "tainted")
+	c.startScheduler(t)
+
+	p := migPod(ns, "picky", "nvidia.com/mig-2g.20gb")
+	p.Spec.NodeSelector = map[string]string{"zone": "b"}
+	c.create(t, p)
+	nodes := c.waitBound(t, ns, "picky")
+	assert.Equal(t, "zone-b", nodes["picky"])
+	assert.Empty(t, c.partition(t, "zone-a").Spec.PlanID, "no plan for a node the selector excludes")
+	assert.Empty(t, c.partition(t, "tainted").Spec.PlanID, "no plan for a node whose taint the pod does not tolerate")
+}
+
+// Bad input: a pod asking for a profile that does not exist stays Pending
+// with a reason and an event; the scheduler keeps serving other pods.
+func (c *cluster) testBadInput(t *testing.T) {
+	ns := c.namespace(t, "bad")
+	c.addNode(t, "bad-a", []string{"A100-80GB"}, nil, nil)
+	c.startAgent(t, "bad-a")
+	c.startScheduler(t)
+
+	c.create(t, migPod(ns, "unknown", "nvidia.com/mig-9g.99gb"), migPod(ns, "malformed", "nvidia.com/mig-1g"))
+	msg := c.unschedulable(t, ns, "unknown")
+	assert.Contains(t, msg, `invalid MIG profile "9g.99gb"`)
+	msg = c.unschedulable(t, ns, "malformed")
+	assert.Contains(t, msg, `resource "nvidia.com/mig-1g"`)
+	waitFor(t, 10*time.Second, "MIGInvalidRequest event", func() (bool, error) {
+		_, ok := c.events(t, ns, "unknown")["MIGInvalidRequest"]
+		return ok, nil
+	})
+
+	c.create(t, migPod(ns, "fine", "nvidia.com/mig-1g.10gb"))
+	c.waitBound(t, ns, "fine")
+}
+
+// A pod without MIG requests is scheduled by dynamig-scheduler like by the
+// default scheduler: bound at once, no plan, no DynamicMIG event.
+func (c *cluster) testNonGPUPod(t *testing.T) {
+	ns := c.namespace(t, "plain")
+	c.addNode(t, "plain-a", []string{"A100-80GB"}, nil, nil)
+	c.startAgent(t, "plain-a")
+	c.startScheduler(t)
+	p := &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "web"},
+		Spec: v1.PodSpec{SchedulerName: schedulerName, Containers: []v1.Container{{Name: "main", Image: "registry.k8s.io/pause:3.10",
+			Resources: v1.ResourceRequirements{Requests: v1.ResourceList{v1.ResourceCPU: resource.MustParse("100m")}}}}},
+	}
+	c.create(t, p)
+	nodes := c.waitBound(t, ns, "web")
+	assert.Equal(t, "plain-a", nodes["web"])
+	assert.Empty(t, c.partition(t, "plain-a").Spec.PlanID)
+	for reason := range c.events(t, ns, "web") {
+		assert.False(t, strings.HasPrefix(reason, "MIG"), "unexpected DynamicMIG event %s", reason)
+	}
+}
