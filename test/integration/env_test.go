@@ -20,6 +20,7 @@ import (
 	"k8s.io/apiserver/pkg/storage/storagebackend"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/events"
@@ -89,25 +90,12 @@ const schedulerConfig = "../../manifests/scheduler/config.yaml"
 // configuration until the returned stop function is called or the test ends.
 func (c *cluster) startScheduler(t *testing.T) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	logger := klog.FromContext(ctx)
-	cfg, err := options.LoadConfigFromFile(logger, schedulerConfig)
+	sched, factory, dynFactory, broadcaster, err := c.buildScheduler(ctx, schedulerConfig)
 	require.NoError(t, err)
-	informers := scheduler.NewInformerFactory(c.cs, 0, nil)
-	dynInformers := dynamicinformer.NewDynamicSharedInformerFactory(c.dyn, 0)
-	broadcaster := events.NewBroadcaster(&events.EventSinkImpl{Interface: c.cs.EventsV1()})
-	broadcaster.StartRecordingToSink(ctx.Done())
-	sched, err := scheduler.New(ctx, c.cs, informers, dynInformers, profile.NewRecorderFactory(broadcaster),
-		scheduler.WithKubeConfig(c.cfg),
-		scheduler.WithProfiles(cfg.Profiles...),
-		scheduler.WithPodInitialBackoffSeconds(1),
-		scheduler.WithPodMaxBackoffSeconds(1),
-		scheduler.WithFrameworkOutOfTreeRegistry(frameworkruntime.Registry{dynamicmig.Name: dynamicmig.New}),
-	)
-	require.NoError(t, err)
-	informers.Start(ctx.Done())
-	dynInformers.Start(ctx.Done())
-	informers.WaitForCacheSync(ctx.Done())
-	dynInformers.WaitForCacheSync(ctx.Done())
+	factory.Start(ctx.Done())
+	dynFactory.Start(ctx.Done())
+	factory.WaitForCacheSync(ctx.Done())
+	dynFactory.WaitForCacheSync(ctx.Done())
 	require.NoError(t, sched.WaitForHandlersSync(ctx))
 	done := make(chan struct{})
 	go func() {
@@ -126,6 +114,42 @@ func (c *cluster) startScheduler(t *testing.T) (stop func()) {
 	}
 	t.Cleanup(stop)
 	return stop
+}
+
+// buildScheduler builds the scheduler from a configuration file, as
+// dynamig-scheduler does.
+func (c *cluster) buildScheduler(ctx context.Context, file string) (*scheduler.Scheduler, informers.SharedInformerFactory, dynamicinformer.DynamicSharedInformerFactory, events.EventBroadcaster, error) {
+	cfg, err := options.LoadConfigFromFile(klog.FromContext(ctx), file)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	factory := scheduler.NewInformerFactory(c.cs, 0, nil)
+	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(c.dyn, 0)
+	broadcaster := events.NewBroadcaster(&events.EventSinkImpl{Interface: c.cs.EventsV1()})
+	broadcaster.StartRecordingToSink(ctx.Done())
+	sched, err := scheduler.New(ctx, c.cs, factory, dynFactory, profile.NewRecorderFactory(broadcaster),
+		scheduler.WithKubeConfig(c.cfg),
+		scheduler.WithProfiles(cfg.Profiles...),
+		scheduler.WithPodInitialBackoffSeconds(1),
+		scheduler.WithPodMaxBackoffSeconds(1),
+		scheduler.WithFrameworkOutOfTreeRegistry(frameworkruntime.Registry{dynamicmig.Name: dynamicmig.New}),
+	)
+	if err != nil {
+		broadcaster.Shutdown()
+	}
+	return sched, factory, dynFactory, broadcaster, err
+}
+
+// newScheduler only builds a scheduler from a configuration file and
+// returns the error, if any.
+func (c *cluster) newScheduler(t *testing.T, file string) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	_, _, _, broadcaster, err := c.buildScheduler(ctx, file)
+	if err == nil {
+		broadcaster.Shutdown()
+	}
+	return err
 }
 
 // waitFor polls cond every 50 ms for up to timeout.

@@ -3,6 +3,8 @@ package integration
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -10,10 +12,12 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/component-base/metrics/legacyregistry"
 
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -28,6 +32,10 @@ func TestScheduler(t *testing.T) {
 	t.Run("node constraints", c.testNodeConstraints)
 	t.Run("bad input", c.testBadInput)
 	t.Run("non-GPU pod", c.testNonGPUPod)
+	t.Run("many pods at once", c.testManyPods)
+	t.Run("scheduler restart with a plan in flight", c.testRestart)
+	t.Run("bad plugin args stop the scheduler", c.testBadArgs)
+	t.Run("CRD validation", c.testCRDValidation)
 }
 
 // migPod is a pod of dynamig-scheduler asking for MIG resources, given as
@@ -267,5 +275,118 @@ func (c *cluster) testNonGPUPod(t *testing.T) {
 	assert.Empty(t, c.partition(t, "plain-a").Spec.PlanID)
 	for reason := range c.events(t, ns, "web") {
 		assert.False(t, strings.HasPrefix(reason, "MIG"), "unexpected DynamicMIG event %s", reason)
+	}
+}
+
+// Many pods at once: 40 pods of 6 profiles on 4 nodes of 3 GPUs are all
+// bound, and no node has more pods on a profile than slices of it.
+func (c *cluster) testManyPods(t *testing.T) {
+	ns := c.namespace(t, "many")
+	var nodes []string
+	for i := 0; i < 4; i++ {
+		name := fmt.Sprintf("many-%d", i)
+		nodes = append(nodes, name)
+		c.addNode(t, name, []string{"A100-80GB", "A100-80GB", "A100-80GB"}, nil, nil)
+	}
+	c.startAgent(t, nodes...)
+	c.startScheduler(t)
+	mix := map[string]int{"7g.80gb": 1, "4g.40gb": 2, "3g.40gb": 2, "2g.20gb": 5, "1g.20gb": 2, "1g.10gb": 28}
+	var names []string
+	for _, prof := range []string{"7g.80gb", "4g.40gb", "3g.40gb", "2g.20gb", "1g.20gb", "1g.10gb"} {
+		for i := 0; i < mix[prof]; i++ {
+			name := fmt.Sprintf("p-%s-%d", strings.ReplaceAll(prof, ".", "-"), i)
+			names = append(names, name)
+			c.create(t, migPod(ns, name, "nvidia.com/mig-"+prof))
+		}
+	}
+	require.Len(t, names, 40)
+	bound := c.waitBound(t, ns, names...)
+	demand := map[string]map[string]int{}
+	for _, name := range names {
+		p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
+		require.NoError(t, err)
+		for r := range p.Spec.Containers[0].Resources.Limits {
+			if demand[bound[name]] == nil {
+				demand[bound[name]] = map[string]int{}
+			}
+			demand[bound[name]][strings.TrimPrefix(string(r), mig.ResourcePrefix)]++
+		}
+	}
+	for _, n := range nodes {
+		have := map[string]int{}
+		np := c.partition(t, n)
+		for _, g := range np.Status.GPUs {
+			for _, s := range g.Slices {
+				have[s.Profile]++
+			}
+		}
+		for prof, want := range demand[n] {
+			assert.LessOrEqual(t, want, have[prof], "node %s: %d pods on %s, %d slices", n, want, prof, have[prof])
+		}
+	}
+}
+
+// Scheduler restarted with a plan in flight: the new scheduler finds the
+// published plan and the nominations, publishes no second plan, and the
+// pods are bound once the agent applies the first.
+func (c *cluster) testRestart(t *testing.T) {
+	ns := c.namespace(t, "restart")
+	c.addNode(t, "restart-a", []string{"A100-80GB"}, nil, nil)
+	agent := c.startAgent(t, "restart-a")
+	agent.paused.Store(true)
+	stop := c.startScheduler(t)
+	c.create(t, migPod(ns, "r-0", "nvidia.com/mig-1g.10gb"), migPod(ns, "r-1", "nvidia.com/mig-1g.10gb"))
+	waitFor(t, 30*time.Second, "a plan published and both pods nominated", func() (bool, error) {
+		if c.partition(t, "restart-a").Spec.PlanID == "" {
+			return false, nil
+		}
+		for _, n := range []string{"r-0", "r-1"} {
+			p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), n, metav1.GetOptions{})
+			if err != nil || p.Status.NominatedNodeName != "restart-a" {
+				return false, err
+			}
+		}
+		return true, nil
+	})
+	plan := c.partition(t, "restart-a").Spec.PlanID
+	stop()
+
+	c.startScheduler(t)
+	time.Sleep(3 * time.Second) // retries with 1 s backoff: time to publish a duplicate if it would
+	assert.Equal(t, plan, c.partition(t, "restart-a").Spec.PlanID, "the restarted scheduler keeps the plan in flight")
+	agent.paused.Store(false)
+	c.waitBound(t, ns, "r-0", "r-1")
+	np := c.partition(t, "restart-a")
+	assert.Equal(t, plan, np.Spec.PlanID)
+	assert.Equal(t, plan, np.Status.ObservedPlanID)
+}
+
+// Bad plugin arguments stop the scheduler at start with the field named.
+func (c *cluster) testBadArgs(t *testing.T) {
+	data, err := os.ReadFile(schedulerConfig)
+	require.NoError(t, err)
+	bad := strings.Replace(string(data), "maxNodesPerPlan: 100", "maxNodesPerPlan: 0", 1)
+	require.NotEqual(t, string(data), bad)
+	f := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(f, []byte(bad), 0o600))
+	err = c.newScheduler(t, f)
+	require.ErrorContains(t, err, "maxNodesPerPlan: Invalid value: 0: must be at least 1")
+}
+
+// The CRD's OpenAPI validation rejects a malformed profile or start.
+func (c *cluster) testCRDValidation(t *testing.T) {
+	ctx := context.Background()
+	for name, slice := range map[string]v1alpha1.Slice{
+		"bad-profile": {Profile: "9gb", Start: 0},
+		"bad-start":   {Profile: "1g.10gb", Start: 9},
+	} {
+		np := &v1alpha1.NodePartition{
+			TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.SchemeGroupVersion.String(), Kind: "NodePartition"},
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec:       v1alpha1.NodePartitionSpec{PlanID: "p-1", GPUs: []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{slice}}}},
+		}
+		_, err := c.dyn.Resource(v1alpha1.Resource).Create(ctx, toUnstructured(t, np), metav1.CreateOptions{})
+		require.Error(t, err, name)
+		assert.True(t, apierrors.IsInvalid(err), "%s: %v", name, err)
 	}
 }
