@@ -20,6 +20,10 @@ build: ## Build the binaries into bin/.
 test: ## Run all tests with the race detector.
 	$(GO) test -race -count=1 $(PKGS)
 
+.PHONY: test-integration
+test-integration: ## Run the scheduler against a real kube-apiserver and etcd (part of make test).
+	$(GO) test -race -count=1 -v -run TestScheduler ./test/integration/
+
 .PHONY: verify
 verify: ## Check formatting, go vet, and that generated files are up to date.
 	@out="$$(gofmt -l $$(git ls-files '*.go'))"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -36,6 +36,7 @@ func TestScheduler(t *testing.T) {
 	t.Run("scheduler restart with a plan in flight", c.testRestart)
 	t.Run("bad plugin args stop the scheduler", c.testBadArgs)
 	t.Run("CRD validation", c.testCRDValidation)
+	t.Run("scheduler manifests", c.testSchedulerManifests)
 }
 
 // migPod is a pod of dynamig-scheduler asking for MIG resources, given as

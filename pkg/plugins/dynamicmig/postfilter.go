@@ -123,6 +123,8 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, m fwk.NodeToStatusRe
 		if inFlight(np) {
 			if t := planTime(np); !t.IsZero() && p.now().Sub(t) > p.args.PlanTimeout {
 				logger.V(2).Info("plan not applied in time; planning around the node", "node", node.Name, "plan", np.Spec.PlanID, "published", t)
+				p.h.EventRecorder().Eventf(node, nil, v1.EventTypeWarning, ReasonPlanNotApplied, "Scheduling",
+					"plan %s published %s ago is not applied (planTimeout %s); dynamig plans around this node until its agent reports it", np.Spec.PlanID, p.now().Sub(t).Round(time.Second), p.args.PlanTimeout)
 				continue
 			}
 		}
