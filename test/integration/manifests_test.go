@@ -27,7 +27,9 @@ func (c *cluster) testSchedulerManifests(t *testing.T) {
 	ctx := context.Background()
 	_, err := c.cs.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "dynamig-system"}}, metav1.CreateOptions{})
 	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.cs.CoreV1().Namespaces().Delete(context.Background(), "dynamig-system", metav1.DeleteOptions{}) })
+	t.Cleanup(func() {
+		_ = c.cs.CoreV1().Namespaces().Delete(context.Background(), "dynamig-system", metav1.DeleteOptions{})
+	})
 
 	var objs []*unstructured.Unstructured
 	for _, f := range []string{"rbac.yaml", "deployment.yaml"} {
