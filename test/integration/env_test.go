@@ -23,13 +23,16 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/events"
 	"k8s.io/klog/v2"
 	kubeapiservertesting "k8s.io/kubernetes/cmd/kube-apiserver/app/testing"
+	kubecontrollermanagertesting "k8s.io/kubernetes/cmd/kube-controller-manager/app/testing"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
 	"k8s.io/kubernetes/pkg/scheduler"
 	frameworkruntime "k8s.io/kubernetes/pkg/scheduler/framework/runtime"
 	"k8s.io/kubernetes/pkg/scheduler/profile"
+	kubeconfigutil "k8s.io/kubernetes/test/utils/kubeconfig"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/yaml"
 
@@ -43,8 +46,9 @@ type cluster struct {
 	dyn dynamic.Interface
 }
 
-// startCluster starts embedded etcd and the real kube-apiserver and
-// installs the CRDs from manifests/crds.
+// startCluster starts embedded etcd, the real kube-apiserver and the real
+// kube-controller-manager (Deployments, ReplicaSets, garbage collection),
+// and installs the CRDs from manifests/crds.
 func startCluster(t *testing.T) *cluster {
 	etcd := testserver.RunEtcd(t, nil)
 	storage := &storagebackend.Config{Type: "etcd3", Prefix: "/registry", Transport: storagebackend.TransportConfig{ServerList: etcd.Endpoints()}}
@@ -52,6 +56,15 @@ func startCluster(t *testing.T) *cluster {
 	t.Cleanup(s.TearDownFn)
 	c := &cluster{cfg: s.ClientConfig, cs: kubernetes.NewForConfigOrDie(s.ClientConfig), dyn: dynamic.NewForConfigOrDie(s.ClientConfig)}
 	installCRDs(t, s.ClientConfig)
+
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, clientcmd.WriteToFile(*kubeconfigutil.CreateKubeConfig(s.ClientConfig), kubeconfig))
+	kcm := kubecontrollermanagertesting.StartTestServerOrDie(t, context.Background(), []string{
+		"--kubeconfig=" + kubeconfig,
+		"--controllers=deployment-controller,replicaset-controller,garbage-collector-controller",
+		"--leader-elect=false",
+	})
+	t.Cleanup(kcm.TearDownFn)
 	return c
 }
 

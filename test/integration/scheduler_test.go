@@ -11,11 +11,13 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	appsv1 "k8s.io/api/apps/v1"
 	v1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/component-base/metrics/legacyregistry"
+	"k8s.io/utils/ptr"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
@@ -141,8 +143,9 @@ func counter(t *testing.T, name string, labels map[string]string) float64 {
 	return total
 }
 
-// The seed: one A100-80GB with MIG on and no slices, five pods asking for
-// a 1g.10gb each → all five bound, on a valid layout with five 1g.10gb.
+// The seed: one A100-80GB with MIG on and no slices, a Deployment of five
+// pods asking for a 1g.10gb each → all five bound, on a valid layout with
+// five 1g.10gb.
 func (c *cluster) testSeed(t *testing.T) {
 	ns := c.namespace(t, "seed")
 	c.addNode(t, "seed-a", []string{"A100-80GB"}, nil, nil)
@@ -150,15 +153,33 @@ func (c *cluster) testSeed(t *testing.T) {
 	c.startScheduler(t)
 	planned := counter(t, "dynamig_scheduler_plans_total", map[string]string{"result": "planned"})
 
+	template := migPod(ns, "", "nvidia.com/mig-1g.10gb")
+	template.Labels = map[string]string{"app": "seed"}
+	d := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "seed"},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: ptr.To[int32](5),
+			Selector: &metav1.LabelSelector{MatchLabels: template.Labels},
+			Template: v1.PodTemplateSpec{ObjectMeta: template.ObjectMeta, Spec: template.Spec},
+		},
+	}
+	_, err := c.cs.AppsV1().Deployments(ns).Create(context.Background(), d, metav1.CreateOptions{})
+	require.NoError(t, err)
 	var names []string
-	for i := 0; i < 5; i++ {
-		names = append(names, fmt.Sprintf("seed-%d", i))
-		c.create(t, migPod(ns, names[i], "nvidia.com/mig-1g.10gb"))
-	}
-	nodes := c.waitBound(t, ns, names...)
-	for _, n := range names {
-		assert.Equal(t, "seed-a", nodes[n])
-	}
+	waitFor(t, 60*time.Second, "5 pods of the Deployment bound", func() (bool, error) {
+		pods, err := c.cs.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: "app=seed"})
+		if err != nil {
+			return false, err
+		}
+		names = names[:0]
+		for _, p := range pods.Items {
+			if p.Spec.NodeName != "seed-a" {
+				return false, nil
+			}
+			names = append(names, p.Name)
+		}
+		return len(names) == 5, nil
+	})
 	np := c.partition(t, "seed-a")
 	m, _ := mig.ModelByName("A100-80GB")
 	var layout []mig.Slice
@@ -177,10 +198,16 @@ func (c *cluster) testSeed(t *testing.T) {
 	assert.GreaterOrEqual(t, ones, 5)
 	assert.Equal(t, np.Spec.PlanID, np.Status.ObservedPlanID)
 
-	ev := c.events(t, ns, names[0])
-	assert.Contains(t, ev, "MIGRepartitionPlanned")
-	assert.Contains(t, ev["MIGRepartitionPlanned"], "1g.10gb")
+	planEvents := 0
+	for _, n := range names {
+		if note, ok := c.events(t, ns, n)["MIGRepartitionPlanned"]; ok {
+			planEvents++
+			assert.Contains(t, note, "1g.10gb")
+		}
+	}
+	assert.Positive(t, planEvents, "MIGRepartitionPlanned on the pods")
 	assert.Greater(t, counter(t, "dynamig_scheduler_plans_total", map[string]string{"result": "planned"}), planned)
+	require.NoError(t, c.cs.AppsV1().Deployments(ns).Delete(context.Background(), "seed", metav1.DeleteOptions{}))
 }
 
 // Used slices are kept: a pod runs on a 3g.40gb at 0; a 4g.40gb (which
