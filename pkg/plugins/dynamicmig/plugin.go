@@ -9,6 +9,7 @@ package dynamicmig
 import (
 	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -40,7 +41,7 @@ type DynamicMIG struct {
 	fw         framework.Framework // for PreFilter of other pending pods
 	args       *config.DynamicMIGArgs
 	selector   labels.Selector
-	partitions *partitions
+	partitions partitionStore
 	now        func() time.Time
 
 	mu     sync.Mutex // serialises planning and publishing
@@ -54,6 +55,14 @@ var (
 	_ fwk.EnqueueExtensions = &DynamicMIG{}
 )
 
+// partitionStore is where the plugin reads NodePartitions and writes their
+// spec: an informer and the API server, or a fake in unit tests.
+type partitionStore interface {
+	synced() bool
+	get(node string) (*v1alpha1.NodePartition, error)
+	updateSpec(ctx context.Context, np *v1alpha1.NodePartition) error
+}
+
 // New builds the plugin from its arguments (see package config/v1). Bad
 // arguments stop the scheduler with a message naming the field.
 func New(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, error) {
@@ -61,6 +70,18 @@ func New(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, err
 	if err != nil {
 		return nil, err
 	}
+	parts, err := newPartitions(ctx, h.KubeConfig(), func(np *v1alpha1.NodePartition) {
+		if t := planTime(np); !t.IsZero() {
+			planToApplied.Observe(time.Since(t).Seconds())
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return newPlugin(ctx, args, h, parts)
+}
+
+func newPlugin(ctx context.Context, args *config.DynamicMIGArgs, h fwk.Handle, parts partitionStore) (*DynamicMIG, error) {
 	sel, err := labels.Parse(args.NodeSelector)
 	if err != nil {
 		return nil, fmt.Errorf("DynamicMIG args: nodeSelector: %w", err)
@@ -70,14 +91,6 @@ func New(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, err
 		return nil, fmt.Errorf("DynamicMIG needs the scheduler's framework handle, got %T", h)
 	}
 	registerMetrics()
-	parts, err := newPartitions(ctx, h.KubeConfig(), func(np *v1alpha1.NodePartition) {
-		if t := planTime(np); !t.IsZero() {
-			planToApplied.Observe(time.Since(t).Seconds())
-		}
-	})
-	if err != nil {
-		return nil, err
-	}
 	klog.FromContext(ctx).V(2).Info("DynamicMIG ready", "nodeSelector", args.NodeSelector, "planTimeout", args.PlanTimeout,
 		"maxNodesPerPlan", args.MaxNodesPerPlan, "maxPendingPodsPerPlan", args.MaxPendingPodsPerPlan)
 	return &DynamicMIG{h: h, fw: fw, args: args, selector: sel, partitions: parts, now: time.Now}, nil
@@ -246,11 +259,14 @@ func (p *DynamicMIG) isSchedulableAfterPartitionChange(logger klog.Logger, pod *
 
 // describe prints the slices a plan creates on a node: "1g.10gb×5 on node-a gpu 0".
 func describe(created map[int]Demand, node string) string {
-	var parts []string
-	for gpu := 0; gpu < 64; gpu++ {
-		if d, ok := created[gpu]; ok {
-			parts = append(parts, fmt.Sprintf("%s on %s gpu %d", d, node, gpu))
-		}
+	gpus := make([]int, 0, len(created))
+	for gpu := range created {
+		gpus = append(gpus, gpu)
+	}
+	sort.Ints(gpus)
+	parts := make([]string, len(gpus))
+	for i, gpu := range gpus {
+		parts[i] = fmt.Sprintf("%s on %s gpu %d", created[gpu], node, gpu)
 	}
 	return strings.Join(parts, ", ")
 }

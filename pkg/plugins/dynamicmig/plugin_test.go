@@ -149,3 +149,11 @@ func TestQueueingHints(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, fwk.QueueSkip, got, "a new plan published is no capacity yet")
 }
+
+func TestDescribe(t *testing.T) {
+	created := map[int]Demand{
+		3: {mig.MustParseProfile("3g.40gb"): 1},
+		0: {mig.MustParseProfile("1g.10gb"): 5, mig.MustParseProfile("2g.20gb"): 1},
+	}
+	assert.Equal(t, "1g.10gb×5 + 2g.20gb on node-a gpu 0, 3g.40gb on node-a gpu 3", describe(created, "node-a"))
+}

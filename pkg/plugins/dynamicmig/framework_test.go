@@ -1,0 +1,285 @@
+package dynamicmig
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	k8stypes "k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/events"
+	"k8s.io/klog/v2/ktesting"
+	fwk "k8s.io/kube-scheduler/framework"
+	schedconfig "k8s.io/kubernetes/pkg/scheduler/apis/config"
+	"k8s.io/kubernetes/pkg/scheduler/backend/cache"
+	"k8s.io/kubernetes/pkg/scheduler/backend/queue"
+	"k8s.io/kubernetes/pkg/scheduler/framework"
+	"k8s.io/kubernetes/pkg/scheduler/framework/plugins/defaultbinder"
+	"k8s.io/kubernetes/pkg/scheduler/framework/plugins/feature"
+	"k8s.io/kubernetes/pkg/scheduler/framework/plugins/noderesources"
+	"k8s.io/kubernetes/pkg/scheduler/framework/plugins/queuesort"
+	"k8s.io/kubernetes/pkg/scheduler/framework/plugins/tainttoleration"
+	frameworkruntime "k8s.io/kubernetes/pkg/scheduler/framework/runtime"
+	schedmetrics "k8s.io/kubernetes/pkg/scheduler/metrics"
+	tf "k8s.io/kubernetes/pkg/scheduler/testing/framework"
+
+	configv1 "github.com/dynamig/dynamig/pkg/apis/config/v1"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+)
+
+// fakePartitions is a partitionStore in memory. It records every spec
+// written; NextErr, when set, fails the next write.
+type fakePartitions struct {
+	mu      sync.Mutex
+	objects map[string]*v1alpha1.NodePartition
+	written []*v1alpha1.NodePartition
+	NextErr error
+}
+
+func (f *fakePartitions) synced() bool { return true }
+
+func (f *fakePartitions) get(node string) (*v1alpha1.NodePartition, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if np, ok := f.objects[node]; ok {
+		return np.DeepCopy(), nil
+	}
+	return nil, nil
+}
+
+func (f *fakePartitions) updateSpec(_ context.Context, np *v1alpha1.NodePartition) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.NextErr; err != nil {
+		f.NextErr = nil
+		return err
+	}
+	f.objects[np.Name] = np.DeepCopy()
+	f.written = append(f.written, np.DeepCopy())
+	return nil
+}
+
+// testFramework is a scheduler framework with DynamicMIG (PreFilter,
+// Filter, PostFilter), TaintToleration and NodeResourcesFit on a snapshot of the given nodes
+// and pods; pending pods are in the informer.
+func testFramework(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder) {
+	_, ctx := ktesting.NewTestContext(t)
+	schedmetrics.Register() // the test queue records scheduler metrics
+	var objs []runtime.Object
+	for _, p := range pods {
+		objs = append(objs, p)
+	}
+	informerFactory := informers.NewSharedInformerFactory(fake.NewClientset(objs...), 0)
+	podInformer := informerFactory.Core().V1().Pods()
+	for _, p := range pods {
+		require.NoError(t, podInformer.Informer().GetStore().Add(p))
+	}
+	recorder := events.NewFakeRecorder(100)
+	var bound []*v1.Pod
+	for _, p := range pods {
+		if p.Spec.NodeName != "" {
+			bound = append(bound, p)
+		}
+	}
+	factory := func(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, error) {
+		args, err := configv1.Decode(obj)
+		if err != nil {
+			return nil, err
+		}
+		return newPlugin(ctx, args, h, parts)
+	}
+	fw, err := tf.NewFramework(ctx, []tf.RegisterPluginFunc{
+		tf.RegisterQueueSortPlugin(queuesort.Name, queuesort.New),
+		tf.RegisterBindPlugin(defaultbinder.Name, defaultbinder.New),
+		tf.RegisterPluginAsExtensions(Name, factory, "PreFilter", "Filter", "PostFilter"),
+		tf.RegisterFilterPlugin(tainttoleration.Name, func(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, error) {
+			return tainttoleration.New(ctx, obj, h, feature.Features{})
+		}),
+		tf.RegisterPluginAsExtensions(noderesources.Name, func(ctx context.Context, _ runtime.Object, h fwk.Handle) (fwk.Plugin, error) {
+			args := &schedconfig.NodeResourcesFitArgs{ScoringStrategy: &schedconfig.ScoringStrategy{
+				Type: schedconfig.LeastAllocated, Resources: []schedconfig.ResourceSpec{{Name: "cpu", Weight: 1}},
+			}}
+			return noderesources.NewFit(ctx, args, h, feature.Features{})
+		}, "PreFilter", "Filter"),
+	}, "dynamig-scheduler",
+		frameworkruntime.WithSnapshotSharedLister(cache.NewSnapshot(bound, nodes)),
+		frameworkruntime.WithInformerFactory(informerFactory),
+		frameworkruntime.WithEventRecorder(recorder),
+		frameworkruntime.WithPodNominator(queue.NewTestQueue(ctx, nil)),
+	)
+	require.NoError(t, err)
+	return fw, recorder
+}
+
+func migNode(name string, taints ...v1.Taint) *v1.Node {
+	return &v1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"dynamig.io/partitioning": "mig"}},
+		Spec:       v1.NodeSpec{Taints: taints},
+		Status:     v1.NodeStatus{Allocatable: list("cpu", "8", "memory", "32Gi", "pods", "110")},
+	}
+}
+
+func emptyA100(node string) *v1alpha1.NodePartition {
+	np := partition(nil, "", "", gpuStatus(0, "A100-80GB"))
+	np.Name = node
+	return np
+}
+
+func pendingPod(name string, limits v1.ResourceList) *v1.Pod {
+	return &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, UID: k8stypes.UID("uid-" + name)},
+		Spec:       v1.PodSpec{SchedulerName: "dynamig-scheduler", Containers: []v1.Container{container(limits)}},
+	}
+}
+
+// specLayout prints the spec layout of one GPU, sorted: "1g.10gb@6".
+func specLayout(np *v1alpha1.NodePartition, gpu int32) []string {
+	var out []string
+	for _, g := range np.Spec.GPUs {
+		if g.Index == gpu {
+			for _, s := range g.Slices {
+				out = append(out, fmt.Sprintf("%s@%d", s.Profile, s.Start))
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// schedule runs PreFilter, Filter on every node and, if no node fits,
+// PostFilter, as a scheduling cycle does.
+func schedule(t *testing.T, fw framework.Framework, pod *v1.Pod, nodes []*v1.Node) (*fwk.PostFilterResult, *fwk.Status) {
+	_, ctx := ktesting.NewTestContext(t)
+	state := framework.NewCycleState()
+	if _, st, _ := fw.RunPreFilterPlugins(ctx, state, pod); !st.IsSuccess() {
+		return nil, st
+	}
+	statuses := framework.NewDefaultNodeToStatus()
+	infos, err := fw.SnapshotSharedLister().NodeInfos().List()
+	require.NoError(t, err)
+	fits := false
+	for _, ni := range infos {
+		st := fw.RunFilterPlugins(ctx, state, pod, ni)
+		if st.IsSuccess() {
+			fits = true
+		} else {
+			statuses.Set(ni.Node().Name, st)
+		}
+	}
+	if fits {
+		return nil, nil
+	}
+	return fw.RunPostFilterPlugins(ctx, state, pod, statuses)
+}
+
+func TestPostFilterPlansNominatesAndPublishes(t *testing.T) {
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": emptyA100("n1")}}
+	nodes := []*v1.Node{migNode("n1")}
+	pod := pendingPod("p", list("nvidia.com/mig-1g.10gb", "1"))
+	fw, recorder := testFramework(t, parts, nodes, pod)
+
+	result, st := schedule(t, fw, pod, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code(), st.Message())
+	require.NotNil(t, result)
+	assert.Equal(t, "n1", result.NominatedNodeName)
+	assert.Contains(t, st.Message(), "creates 1g.10gb on n1 gpu 0")
+	require.Len(t, parts.written, 1)
+	assert.Equal(t, []string{"1g.10gb@6"}, specLayout(parts.written[0], 0))
+	assert.NotEmpty(t, parts.written[0].Annotations[PlanTimeAnnotation])
+	assert.Contains(t, <-recorder.Events, ReasonPlanned)
+
+	// The same pod again: the plan is in flight, its slice planned; no new plan.
+	result, st = schedule(t, fw, pod, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, "n1", result.NominatedNodeName)
+	assert.Contains(t, st.Message(), "waiting for 1g.10gb on n1")
+	assert.Len(t, parts.written, 1)
+}
+
+func TestPostFilterConflictPlansAgain(t *testing.T) {
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": emptyA100("n1")}}
+	parts.NextErr = apierrors.NewConflict(schema.GroupResource{Group: "dynamig.io", Resource: "nodepartitions"}, "n1", nil)
+	nodes := []*v1.Node{migNode("n1")}
+	pod := pendingPod("p", list("nvidia.com/mig-3g.40gb", "1"))
+	fw, _ := testFramework(t, parts, nodes, pod)
+
+	result, st := schedule(t, fw, pod, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Contains(t, st.Message(), "planning again")
+	assert.Nil(t, result)
+	result, st = schedule(t, fw, pod, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, "n1", result.NominatedNodeName)
+	assert.Len(t, parts.written, 1)
+}
+
+func TestPostFilterRespectsOtherFilters(t *testing.T) {
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"a": emptyA100("a"), "b": emptyA100("b")}}
+	nodes := []*v1.Node{migNode("a", v1.Taint{Key: "dedicated", Value: "x", Effect: v1.TaintEffectNoSchedule}), migNode("b")}
+	pod := pendingPod("p", list("nvidia.com/mig-4g.40gb", "1"))
+	fw, _ := testFramework(t, parts, nodes, pod)
+
+	result, st := schedule(t, fw, pod, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code(), st.Message())
+	assert.Equal(t, "b", result.NominatedNodeName, "node a's taint is not tolerated")
+	require.Len(t, parts.written, 1)
+	assert.Equal(t, "b", parts.written[0].Name)
+}
+
+func TestPostFilterPlansForOtherPendingPodsToo(t *testing.T) {
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": emptyA100("n1")}}
+	nodes := []*v1.Node{migNode("n1")}
+	first := pendingPod("first", list("nvidia.com/mig-1g.10gb", "1"))
+	second := pendingPod("second", list("nvidia.com/mig-4g.40gb", "1"))
+	fw, _ := testFramework(t, parts, nodes, first, second)
+
+	_, st := schedule(t, fw, first, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code(), st.Message())
+	require.Len(t, parts.written, 1)
+	// One plan for both: the 4g at 0 for the pending pod, the 1g above it.
+	assert.Equal(t, []string{"1g.10gb@6", "4g.40gb@0"}, specLayout(parts.written[0], 0))
+}
+
+func TestPreFilterAndFilter(t *testing.T) {
+	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "7g.80gb", Start: 0}}}}
+	inflight := partition(spec, "p-2", "p-1", gpuStatus(0, "A100-80GB", v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 0}}))
+	inflight.Name = "n1"
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": inflight}}
+	node := migNode("n1")
+	node.Status.Allocatable["nvidia.com/mig-1g.10gb"] = resource.MustParse("1")
+	nodes := []*v1.Node{node}
+	plain := pendingPod("plain", list("cpu", "1"))
+	bad := pendingPod("bad", list("nvidia.com/mig-9g.99gb", "1"))
+	one := pendingPod("one", list("nvidia.com/mig-1g.10gb", "1"))
+	fw, recorder := testFramework(t, parts, nodes, plain, bad, one)
+	_, ctx := ktesting.NewTestContext(t)
+
+	_, st, _ := fw.RunPreFilterPlugins(ctx, framework.NewCycleState(), plain)
+	assert.True(t, st.IsSuccess(), "pods without MIG demand pass (DynamicMIG skips them)")
+
+	_, st, _ = fw.RunPreFilterPlugins(ctx, framework.NewCycleState(), bad)
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code())
+	assert.Contains(t, st.Message(), `invalid MIG profile "9g.99gb"`)
+	assert.Contains(t, <-recorder.Events, ReasonInvalidRequest)
+
+	// The advertised 1g.10gb is about to be replaced by a 7g: Filter says so.
+	state := framework.NewCycleState()
+	_, st, _ = fw.RunPreFilterPlugins(ctx, state, one)
+	require.True(t, st.IsSuccess())
+	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
+	require.NoError(t, err)
+	st = fw.RunFilterPlugins(ctx, state, one, ni)
+	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Contains(t, st.Message(), "1g.10gb on n1 is being repartitioned (plan p-2 not applied yet)")
+}
