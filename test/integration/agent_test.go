@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"fmt"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -262,19 +261,4 @@ func (c *cluster) partition(t *testing.T, name string) *v1alpha1.NodePartition {
 	u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), name, metav1.GetOptions{})
 	require.NoError(t, err)
 	return fromUnstructured(t, u)
-}
-
-// specLayout prints a NodePartition's spec layout of one GPU, sorted:
-// "1g.10gb@2 1g.10gb@3".
-func specLayout(np *v1alpha1.NodePartition, gpu int32) []string {
-	var out []string
-	for _, g := range np.Spec.GPUs {
-		if g.Index == gpu {
-			for _, s := range g.Slices {
-				out = append(out, fmt.Sprintf("%s@%d", s.Profile, s.Start))
-			}
-		}
-	}
-	sort.Strings(out)
-	return out
 }

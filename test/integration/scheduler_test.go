@@ -21,6 +21,7 @@ import (
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/builders"
 )
 
 const schedulerName = "dynamig-scheduler"
@@ -233,7 +234,7 @@ func (c *cluster) testUsedSlicesKept(t *testing.T) {
 	c.create(t, migPod(ns, "mid", "nvidia.com/mig-3g.40gb"))
 	c.waitBound(t, ns, "mid")
 	np := c.partition(t, "used-a")
-	assert.Equal(t, []string{"3g.40gb@0", "3g.40gb@4"}, specLayout(np, 0))
+	assert.Equal(t, []string{"3g.40gb@0", "3g.40gb@4"}, builders.SpecLayout(np, 0))
 	p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "big", metav1.GetOptions{})
 	require.NoError(t, err)
 	assert.Empty(t, p.Spec.NodeName, "the 4g.40gb still waits")

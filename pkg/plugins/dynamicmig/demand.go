@@ -21,6 +21,9 @@ type Demand map[mig.ProfileName]int
 // resource in the MIG namespace that does not name a profile is an error
 // naming the resource.
 func podDemand(pod *v1.Pod) (Demand, error) {
+	if !asksForMIG(pod) {
+		return nil, nil // the common case: no allocation, no request arithmetic
+	}
 	var d Demand
 	var errs []error
 	reqs := resourcehelper.PodRequests(pod, resourcehelper.PodResourcesOptions{})
@@ -43,6 +46,22 @@ func podDemand(pod *v1.Pod) (Demand, error) {
 		return nil, errors.Join(errs...)
 	}
 	return d, nil
+}
+
+// asksForMIG reports whether any container names a MIG resource.
+func asksForMIG(pod *v1.Pod) bool {
+	for _, cs := range [][]v1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range cs {
+			for _, l := range []v1.ResourceList{c.Resources.Requests, c.Resources.Limits} {
+				for name := range l {
+					if mig.IsMIGResource(string(name)) {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
 }
 
 // String prints a demand: "1g.10gb×2 + 3g.40gb".

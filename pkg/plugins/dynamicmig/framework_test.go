@@ -2,8 +2,6 @@ package dynamicmig
 
 import (
 	"context"
-	"fmt"
-	"sort"
 	"sync"
 	"testing"
 
@@ -36,6 +34,7 @@ import (
 
 	configv1 "github.com/dynamig/dynamig/pkg/apis/config/v1"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/test/builders"
 )
 
 // fakePartitions is a partitionStore in memory. It records every spec
@@ -143,20 +142,6 @@ func pendingPod(name string, limits v1.ResourceList) *v1.Pod {
 	}
 }
 
-// specLayout prints the spec layout of one GPU, sorted: "1g.10gb@6".
-func specLayout(np *v1alpha1.NodePartition, gpu int32) []string {
-	var out []string
-	for _, g := range np.Spec.GPUs {
-		if g.Index == gpu {
-			for _, s := range g.Slices {
-				out = append(out, fmt.Sprintf("%s@%d", s.Profile, s.Start))
-			}
-		}
-	}
-	sort.Strings(out)
-	return out
-}
-
 // schedule runs PreFilter, Filter on every node and, if no node fits,
 // PostFilter, as a scheduling cycle does.
 func schedule(t *testing.T, fw framework.Framework, pod *v1.Pod, nodes []*v1.Node) (*fwk.PostFilterResult, *fwk.Status) {
@@ -195,7 +180,7 @@ func TestPostFilterPlansNominatesAndPublishes(t *testing.T) {
 	assert.Equal(t, "n1", result.NominatedNodeName)
 	assert.Contains(t, st.Message(), "creates 1g.10gb on n1 gpu 0")
 	require.Len(t, parts.written, 1)
-	assert.Equal(t, []string{"1g.10gb@6"}, specLayout(parts.written[0], 0))
+	assert.Equal(t, []string{"1g.10gb@6"}, builders.SpecLayout(parts.written[0], 0))
 	assert.NotEmpty(t, parts.written[0].Annotations[PlanTimeAnnotation])
 	assert.Contains(t, <-recorder.Events, ReasonPlanned)
 
@@ -248,7 +233,7 @@ func TestPostFilterPlansForOtherPendingPodsToo(t *testing.T) {
 	require.Equal(t, fwk.Unschedulable, st.Code(), st.Message())
 	require.Len(t, parts.written, 1)
 	// One plan for both: the 4g at 0 for the pending pod, the 1g above it.
-	assert.Equal(t, []string{"1g.10gb@6", "4g.40gb@0"}, specLayout(parts.written[0], 0))
+	assert.Equal(t, []string{"1g.10gb@6", "4g.40gb@0"}, builders.SpecLayout(parts.written[0], 0))
 }
 
 func TestPreFilterAndFilter(t *testing.T) {
