@@ -36,8 +36,12 @@ type Profile struct {
 	Starts        []int // possible placement starts, ascending
 }
 
-// maxProfiles bounds the number of profiles of one model (RTX PRO 6000 has 11).
-const maxProfiles = 16
+// maxProfiles bounds the number of profiles of one model (RTX PRO 6000 has
+// 11); maxMemorySlices the memory-slice axis (8 on every MIG GPU so far).
+const (
+	maxProfiles     = 16
+	maxMemorySlices = 8
+)
 
 // ProfileIndex returns the index of a profile in m.Profiles.
 func (m *Model) ProfileIndex(p ProfileName) (int, bool) {
@@ -186,16 +190,51 @@ var catalog = []*Model{
 
 func init() {
 	for _, m := range catalog {
-		m.index = make(map[ProfileName]int, len(m.Profiles))
-		for i, p := range m.Profiles {
-			m.index[p.Name] = i
-			for j, q := range m.Profiles {
-				if i != j && (excludes(p.Name, q.Name) || excludes(q.Name, p.Name)) {
-					m.excludes[i] |= 1 << j
-				}
+		m.build()
+	}
+}
+
+// build derives the lookup tables from Profiles.
+func (m *Model) build() {
+	m.index = make(map[ProfileName]int, len(m.Profiles))
+	for i, p := range m.Profiles {
+		m.index[p.Name] = i
+		for j, q := range m.Profiles {
+			if i != j && (excludes(p.Name, q.Name) || excludes(q.Name, p.Name)) {
+				m.excludes[i] |= 1 << j
 			}
 		}
 	}
+}
+
+// NewModel builds a model from profiles discovered at run time (the node
+// agent's NVML walk), for a GPU the catalog does not know or whose driver
+// offers other profiles. The memory-slice axis is as long as the furthest
+// placement reaches (at most 8); compute slices are the largest profile's.
+func NewModel(name string, profiles []Profile) (*Model, error) {
+	if len(profiles) == 0 || len(profiles) > maxProfiles {
+		return nil, fmt.Errorf("model %s: want 1 to %d profiles, got %d", name, maxProfiles, len(profiles))
+	}
+	m := &Model{Name: name, Profiles: append([]Profile(nil), profiles...)}
+	seen := map[ProfileName]bool{}
+	for _, p := range m.Profiles {
+		switch {
+		case seen[p.Name]:
+			return nil, fmt.Errorf("model %s: profile %s appears twice", name, p.Name)
+		case p.ComputeSlices != p.Name.Compute || p.MemorySlices < 1 || p.MaxCount < 1 || len(p.Starts) == 0:
+			return nil, fmt.Errorf("model %s: profile %s: want %d compute slices, and positive memory slices, max count and starts", name, p.Name, p.Name.Compute)
+		}
+		seen[p.Name] = true
+		for _, st := range p.Starts {
+			if st < 0 || st+p.MemorySlices > maxMemorySlices {
+				return nil, fmt.Errorf("model %s: profile %s: placement %d+%d is outside the GPU", name, p.Name, st, p.MemorySlices)
+			}
+			m.MemorySlices = max(m.MemorySlices, st+p.MemorySlices)
+		}
+		m.ComputeSlices = max(m.ComputeSlices, p.ComputeSlices)
+	}
+	m.build()
+	return m, nil
 }
 
 // Models returns the catalog, sorted by name. Callers must not modify it.

@@ -120,3 +120,46 @@ func TestValidate(t *testing.T) {
 		})
 	}
 }
+
+func TestNewModelFromDiscoveredProfiles(t *testing.T) {
+	a100, err := ModelByName("A100-80GB")
+	require.NoError(t, err)
+	// An older driver: no 1g.20gb. The discovered model has the same geometry otherwise.
+	var profiles []Profile
+	for _, p := range a100.Profiles {
+		if p.Name != MustParseProfile("1g.20gb") {
+			profiles = append(profiles, p)
+		}
+	}
+	m, err := NewModel("NVIDIA A100 80GB PCIe", profiles)
+	require.NoError(t, err)
+	assert.Equal(t, 8, m.MemorySlices)
+	assert.Equal(t, 7, m.ComputeSlices)
+	_, ok := m.ProfileIndex(MustParseProfile("1g.20gb"))
+	assert.False(t, ok)
+	assert.Equal(t, len(a100.Layouts(nil))-layoutsUsing(a100, "1g.20gb"), len(m.Layouts(nil)))
+	require.ErrorIs(t, m.Validate([]Slice{{MustParseProfile("1g.10gb+me"), 0}, {MustParseProfile("1g.10gb+me"), 1}}), ErrInvalidLayout)
+
+	_, err = NewModel("x", nil)
+	require.ErrorContains(t, err, "want 1 to 16 profiles")
+	_, err = NewModel("x", []Profile{profiles[0], profiles[0]})
+	require.ErrorContains(t, err, "appears twice")
+	bad := profiles[0]
+	bad.Starts = []int{16}
+	_, err = NewModel("x", []Profile{bad})
+	require.ErrorContains(t, err, "outside the GPU")
+}
+
+// layoutsUsing counts the valid layouts of m that contain profile p.
+func layoutsUsing(m *Model, p string) int {
+	n := 0
+	for _, l := range m.Layouts(nil) {
+		for _, s := range l {
+			if s.Profile == MustParseProfile(p) {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}

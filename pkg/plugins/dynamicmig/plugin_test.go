@@ -103,6 +103,44 @@ func TestPlannerNode(t *testing.T) {
 	require.ErrorContains(t, err, "gpu 0: invalid MIG layout")
 }
 
+// A GPU whose status lists the profiles NVML offers is planned with those:
+// here an older driver without 1g.20gb, on a GPU the catalog does not know.
+func TestPlannerNodePrefersDiscoveredProfiles(t *testing.T) {
+	a100, err := mig.ModelByName("A100-80GB")
+	require.NoError(t, err)
+	g := gpuStatus(0, "NVIDIA A100 80GB PCIe (custom)", used("3g.40gb", 4))
+	for _, p := range a100.Profiles {
+		if p.Name.String() == "1g.20gb" {
+			continue
+		}
+		ps := v1alpha1.ProfileStatus{Name: p.Name.String(), MemorySlices: int32(p.MemorySlices), MaxCount: int32(p.MaxCount)}
+		for _, st := range p.Starts {
+			ps.Starts = append(ps.Starts, int32(st))
+		}
+		g.Profiles = append(g.Profiles, ps)
+	}
+	n, err := plannerNode("n", partition(nil, "", "", g))
+	require.NoError(t, err)
+	m := n.GPUs[0].Model
+	assert.Equal(t, "NVIDIA A100 80GB PCIe (custom)", m.Name)
+	_, ok := m.ProfileIndex(mig.MustParseProfile("1g.20gb"))
+	assert.False(t, ok, "not offered by this driver")
+	again, err := plannerNode("n", partition(nil, "", "", g))
+	require.NoError(t, err)
+	assert.Same(t, m, again.GPUs[0].Model, "one model per GPU kind")
+
+	p := planner.Dynamig{}.Plan(&planner.Snapshot{Nodes: []planner.Node{n}, Pods: []planner.Pod{
+		{Name: "a", Requests: map[mig.ProfileName]int{mig.MustParseProfile("1g.20gb"): 1}},
+		{Name: "b", Requests: map[mig.ProfileName]int{mig.MustParseProfile("4g.40gb"): 1}},
+	}})
+	assert.Contains(t, p.Pods[0].Reason, "offers profile 1g.20gb")
+	assert.True(t, p.Pods[1].Served())
+
+	g.Profiles[0].Starts = []int32{9}
+	_, err = plannerNode("n", partition(nil, "", "", g))
+	require.ErrorContains(t, err, "discovered profiles")
+}
+
 func node(alloc v1.ResourceList) *v1.Node {
 	return &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n"}, Status: v1.NodeStatus{Allocatable: alloc}}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
+	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -156,12 +157,12 @@ func plannerNode(name string, np *v1alpha1.NodePartition) (planner.Node, error) 
 		if g.MIGMode != v1alpha1.MIGEnabled {
 			continue
 		}
-		m, err := mig.ModelByName(g.Model)
+		m, err := gpuModel(g)
 		if err != nil {
-			var ok bool
-			if m, ok = mig.ModelByNVMLName(g.Model); !ok {
-				continue // a model the catalog does not know: not planned
-			}
+			return n, fmt.Errorf("gpu %d: %w", g.Index, err)
+		}
+		if m == nil {
+			continue // no discovered profiles and a model the catalog does not know: not planned
 		}
 		used := map[v1alpha1.Slice]bool{}
 		layout := make([]v1alpha1.Slice, 0, len(g.Slices))
@@ -189,6 +190,46 @@ func plannerNode(name string, np *v1alpha1.NodePartition) (planner.Node, error) 
 		return n, fmt.Errorf("no GPU with MIG enabled and a known model")
 	}
 	return n, nil
+}
+
+// discovered caches the models built from NVML-discovered profiles, by
+// their description, so that every plan of the same GPU kind shares one
+// model (and the planner's per-model tables).
+var discovered sync.Map // string → *mig.Model
+
+// gpuModel is the GPU's model: built from the profiles and placements the
+// agent discovered through NVML where the status has them (they reflect the
+// real driver), else the catalog's by name; nil if neither is known.
+func gpuModel(g v1alpha1.GPUStatus) (*mig.Model, error) {
+	if len(g.Profiles) == 0 {
+		if m, err := mig.ModelByName(g.Model); err == nil {
+			return m, nil
+		}
+		m, _ := mig.ModelByNVMLName(g.Model)
+		return m, nil
+	}
+	key := fmt.Sprintf("%s%v", g.Model, g.Profiles)
+	if m, ok := discovered.Load(key); ok {
+		return m.(*mig.Model), nil
+	}
+	profiles := make([]mig.Profile, len(g.Profiles))
+	for i, p := range g.Profiles {
+		name, err := mig.ParseProfile(p.Name)
+		if err != nil {
+			return nil, err
+		}
+		starts := make([]int, len(p.Starts))
+		for j, st := range p.Starts {
+			starts[j] = int(st)
+		}
+		profiles[i] = mig.Profile{Name: name, ComputeSlices: name.Compute, MemorySlices: int(p.MemorySlices), MaxCount: int(p.MaxCount), Starts: starts}
+	}
+	m, err := mig.NewModel(g.Model, profiles)
+	if err != nil {
+		return nil, fmt.Errorf("discovered profiles: %w", err)
+	}
+	actual, _ := discovered.LoadOrStore(key, m)
+	return actual.(*mig.Model), nil
 }
 
 func toMIG(slices []planner.Slice) []mig.Slice {
