@@ -63,34 +63,23 @@ func (Dynamig) Plan(s *Snapshot) *Plan {
 		}
 	}
 	try(nil)
-	base := best // pods of the first world order the later passes
 	if bestScore.unserved > 0 {
-		try(base.ordered(smallestFirst))
+		try(best.ordered(smallestFirst))
 	}
-	// Squeaky wheel: move the pods the best plan left out to the front of
-	// their priority and plan again.
+	// Squeaky wheel: the pods the best plan left out go to the front of
+	// their priority, and the passes go on while they improve the plan.
 	for pass := 2; pass < dynamigPasses && bestScore.unserved > 0; pass++ {
-		order := make([]*podState, len(best.pods))
-		for i, ps := range best.ordered(largestFirst) {
-			order[i] = base.pods[ps.index]
-		}
-		rank := make(map[*podState]int, len(order))
-		for i, ps := range order {
-			rank[ps] = i
-		}
-		sort.SliceStable(order, func(i, j int) bool {
-			a, b := order[i], order[j]
+		prev := best
+		try(prev.ordered(func(a, b *podState) bool {
 			if a.pod.Priority != b.pod.Priority {
 				return a.pod.Priority > b.pod.Priority
 			}
-			if ua, ub := best.pods[a.index].node < 0, best.pods[b.index].node < 0; ua != ub {
-				return ua
+			if (a.node < 0) != (b.node < 0) {
+				return a.node < 0
 			}
-			return rank[a] < rank[b]
-		})
-		before := bestScore
-		try(order)
-		if !bestScore.better(before) {
+			return largestFirst(a, b)
+		}))
+		if best == prev {
 			break
 		}
 	}
@@ -207,8 +196,9 @@ func (w *world) roomiest(ps *podState, k int) []int {
 // single-slice options first.
 const candidatesPerPod = 6
 
-// greedy serves pods one by one in the given order (pods of another world
-// built from the same snapshot), each on its best node.
+// greedy serves pods one by one in the given order, each on its best node.
+// The order may hold the pods of another world of the same snapshot: only
+// their indexes are used.
 func (w *world) greedy(order []*podState) {
 	for _, o := range order {
 		ps := w.pods[o.index]

@@ -20,14 +20,13 @@ type world struct {
 	nodes  []*nodeState
 	pods   []*podState
 	all    []int // every node index: the eligible list of pods without one
-	locals map[*mig.Model][]int
+	models map[*mig.Model]modelLocal
 
 	// For pods that may use any node: per global profile id, the nodes by
 	// their best option (built on first use); stale entries carry an old
 	// version of their node.
 	heaps   []*nodeHeap
 	version []uint32
-	models  map[*mig.Model]*modelInfo
 }
 
 type podState struct {
@@ -165,7 +164,7 @@ func infoFor(m *mig.Model) *modelInfo {
 
 // newWorld builds the planning state. The snapshot must be valid.
 func newWorld(s *Snapshot) *world {
-	w := &world{snap: s, profID: map[mig.ProfileName]int{}, models: map[*mig.Model]*modelInfo{}}
+	w := &world{snap: s, profID: map[mig.ProfileName]int{}}
 	intern := func(p mig.ProfileName) int {
 		id, ok := w.profID[p]
 		if !ok {
@@ -187,7 +186,7 @@ func newWorld(s *Snapshot) *world {
 			intern(prof)
 		}
 	}
-	w.locals = map[*mig.Model][]int{}
+	w.models = map[*mig.Model]modelLocal{}
 	nodeIndex := make(map[string]int, len(s.Nodes))
 	w.all = make([]int, len(s.Nodes))
 	for ni := range s.Nodes {
@@ -218,24 +217,30 @@ func newWorld(s *Snapshot) *world {
 	return w
 }
 
+// modelLocal is what a world keeps per model: its tables, and its profile
+// index for each global profile id (-1 if the model lacks the profile).
+type modelLocal struct {
+	mi    *modelInfo
+	local []int
+}
+
 // buildNode builds node ni's planning state as the snapshot has it.
 func (w *world) buildNode(ni int) *nodeState {
 	n := &w.snap.Nodes[ni]
 	ns := &nodeState{name: n.Name, profiles: len(w.profs)}
 	for _, g := range n.GPUs {
-		local, ok := w.locals[g.Model]
+		ml, ok := w.models[g.Model]
 		if !ok {
-			local = make([]int, len(w.profs))
+			ml = modelLocal{mi: infoFor(g.Model), local: make([]int, len(w.profs))}
 			for id, p := range w.profs {
-				local[id] = -1
+				ml.local[id] = -1
 				if i, ok := g.Model.ProfileIndex(p); ok {
-					local[id] = i
+					ml.local[id] = i
 				}
 			}
-			w.locals[g.Model] = local
-			w.models[g.Model] = infoFor(g.Model)
+			w.models[g.Model] = ml
 		}
-		gs := &gpuState{index: g.Index, model: g.Model, mi: w.models[g.Model], local: local, avail: g.Model.FullMask()}
+		gs := &gpuState{index: g.Index, model: g.Model, mi: ml.mi, local: ml.local, avail: g.Model.FullMask()}
 		for _, sl := range g.Slices {
 			i, _ := g.Model.ProfileIndex(sl.Profile)
 			g.Model.Add(&gs.occ, i, sl.Start)

@@ -33,11 +33,20 @@ func newPartitions(ctx context.Context, cfg *rest.Config, onApplied func(np *v1a
 	}
 	factory := dynamicinformer.NewDynamicSharedInformerFactory(client, 0)
 	p := &partitions{client: client.Resource(v1alpha1.Resource), informer: factory.ForResource(v1alpha1.Resource).Informer()}
+	// Decode once, as objects arrive, not in every Filter call.
+	if err := p.informer.SetTransform(func(obj any) (any, error) {
+		if _, ok := obj.(*unstructured.Unstructured); !ok {
+			return obj, nil
+		}
+		return fromUnstructured(obj)
+	}); err != nil {
+		return nil, fmt.Errorf("watching NodePartitions: %w", err)
+	}
 	if _, err := p.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		UpdateFunc: func(oldObj, newObj any) {
-			old, err1 := fromUnstructured(oldObj)
-			np, err2 := fromUnstructured(newObj)
-			if err1 == nil && err2 == nil && np.Spec.PlanID != "" &&
+			old, ok1 := oldObj.(*v1alpha1.NodePartition)
+			np, ok2 := newObj.(*v1alpha1.NodePartition)
+			if ok1 && ok2 && np.Spec.PlanID != "" &&
 				np.Status.ObservedPlanID == np.Spec.PlanID && old.Status.ObservedPlanID != np.Spec.PlanID {
 				onApplied(np)
 			}
@@ -51,13 +60,18 @@ func newPartitions(ctx context.Context, cfg *rest.Config, onApplied func(np *v1a
 
 func (p *partitions) synced() bool { return p.informer.HasSynced() }
 
-// get returns the node's NodePartition, nil if there is none.
+// get returns the node's NodePartition, nil if there is none. The object
+// is the informer's: callers must not modify it.
 func (p *partitions) get(node string) (*v1alpha1.NodePartition, error) {
 	obj, ok, err := p.informer.GetStore().GetByKey(node)
 	if err != nil || !ok {
 		return nil, err
 	}
-	return fromUnstructured(obj)
+	np, ok := obj.(*v1alpha1.NodePartition)
+	if !ok {
+		return nil, fmt.Errorf("NodePartition informer: unexpected %T", obj)
+	}
+	return np, nil
 }
 
 // updateSpec writes a NodePartition's spec with optimistic concurrency: it

@@ -55,8 +55,9 @@ var (
 	_ fwk.EnqueueExtensions = &DynamicMIG{}
 )
 
-// partitionStore is where the plugin reads NodePartitions and writes their
-// spec: an informer and the API server, or a fake in unit tests.
+// partitionStore is where the plugin reads NodePartitions (shared objects:
+// never modified) and writes their spec: an informer and the API server,
+// or a fake in unit tests.
 type partitionStore interface {
 	synced() bool
 	get(node string) (*v1alpha1.NodePartition, error)
