@@ -4,6 +4,9 @@ BIN      := bin
 PKGS     := ./...
 BENCHTIME ?= 20x
 CONTROLLER_GEN := $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
+# go-nvml's cgo build prints ~30 deprecation warnings from nvml.h: noise.
+CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
+export CGO_CFLAGS
 GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds
 
 .DEFAULT_GOAL := help
