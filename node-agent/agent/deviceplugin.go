@@ -1,0 +1,126 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/klog/v2"
+
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// advertisable counts, per resource, the slices the NVIDIA device plugin
+// advertises: those with exactly one, full-size compute instance.
+func advertisable(observed []Observed) map[v1.ResourceName]int64 {
+	out := map[v1.ResourceName]int64{}
+	for _, o := range observed {
+		for _, s := range o.Slices {
+			if s.CI >= 0 && s.OtherComputeInstances == 0 {
+				out[v1.ResourceName(s.Profile.ResourceName())]++
+			}
+		}
+	}
+	return out
+}
+
+// allocatableDiff says how Node allocatable differs from want in MIG
+// resources; "" if it does not.
+func allocatableDiff(node *v1.Node, want map[v1.ResourceName]int64) string {
+	var diffs []string
+	for r, q := range node.Status.Allocatable {
+		if mig.IsMIGResource(string(r)) && q.Value() != want[r] {
+			diffs = append(diffs, fmt.Sprintf("%s: allocatable %d, slices %d", r, q.Value(), want[r]))
+		}
+	}
+	for r, n := range want {
+		if _, ok := node.Status.Allocatable[r]; !ok && n > 0 {
+			diffs = append(diffs, fmt.Sprintf("%s: allocatable 0, slices %d", r, n))
+		}
+	}
+	sort.Strings(diffs)
+	return strings.Join(diffs, "; ")
+}
+
+func advertised(node *v1.Node, observed []Observed) bool {
+	return allocatableDiff(node, advertisable(observed)) == ""
+}
+
+// readvertise makes the NVIDIA device plugin, which scans MIG devices only
+// when it starts, advertise the node's slices: it deletes the plugin's pod
+// on this node, waits for a replacement (a new UID) to be Ready, then for
+// Node allocatable to match the slices. Waiting on observed state, not a
+// sleep, bounded by DevicePluginTimeout.
+func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
+	logger := klog.FromContext(ctx)
+	start := time.Now()
+	pods, err := a.kube.CoreV1().Pods(a.cfg.DevicePluginNamespace).List(ctx, metav1.ListOptions{
+		LabelSelector: a.cfg.DevicePluginSelector, FieldSelector: "spec.nodeName=" + a.cfg.NodeName,
+	})
+	if err != nil {
+		return fmt.Errorf("listing device-plugin pods (%s, %s): %w", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, err)
+	}
+	old := map[types.UID]bool{}
+	for _, p := range pods.Items {
+		old[p.UID] = true
+		if err := a.kube.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("restarting device-plugin pod %s/%s: %w", p.Namespace, p.Name, err)
+		}
+		logger.V(2).Info("deleted the device-plugin pod so that it re-advertises", "pod", klog.KObj(&p))
+	}
+	if len(old) == 0 {
+		logger.Info("no device-plugin pod on this node; waiting for Node allocatable only", "namespace", a.cfg.DevicePluginNamespace, "selector", a.cfg.DevicePluginSelector)
+	}
+	want := advertisable(observed)
+	missing := ""
+	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
+		if len(old) > 0 {
+			ready, err := a.replacementReady(ctx, old)
+			if err != nil || !ready {
+				missing = "no new device-plugin pod is Ready"
+				return false, nil
+			}
+		}
+		node, err := a.node()
+		if err != nil {
+			return false, nil
+		}
+		missing = allocatableDiff(node, want)
+		return missing == "", nil
+	})
+	if err != nil {
+		return fmt.Errorf("the device plugin (%s, %s) did not re-advertise the slices within %s: %s", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, a.cfg.DevicePluginTimeout, missing)
+	}
+	devicePluginRestart.Observe(time.Since(start).Seconds())
+	logger.V(2).Info("device plugin re-advertised the slices", "took", time.Since(start))
+	return nil
+}
+
+// replacementReady reports whether a device-plugin pod that is not one of
+// old, and is not terminating, is Ready on this node.
+func (a *Agent) replacementReady(ctx context.Context, old map[types.UID]bool) (bool, error) {
+	pods, err := a.kube.CoreV1().Pods(a.cfg.DevicePluginNamespace).List(ctx, metav1.ListOptions{
+		LabelSelector: a.cfg.DevicePluginSelector, FieldSelector: "spec.nodeName=" + a.cfg.NodeName,
+	})
+	if err != nil {
+		return false, err
+	}
+	for _, p := range pods.Items {
+		if old[p.UID] || p.DeletionTimestamp != nil {
+			continue
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == v1.PodReady && c.Status == v1.ConditionTrue {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}

@@ -1,0 +1,29 @@
+package agent
+
+// Condition and event reasons the agent records, on the NodePartition
+// (`kubectl describe nodepartition <node>`) and, for MIG mode, on the Node.
+const (
+	// ReasonApplied: the spec's layout exists and the device plugin advertises it.
+	ReasonApplied = "Applied"
+	// ReasonNoPlan: no plan has been published for the node yet.
+	ReasonNoPlan = "NoPlan"
+	// ReasonApplying: the agent is working on the plan.
+	ReasonApplying = "Applying"
+	// ReasonSliceInUse: the plan would destroy a slice a pod holds; the GPU
+	// is left as it is and the scheduler plans again from the status.
+	ReasonSliceInUse = "SliceInUse"
+	// ReasonKubeletUnreachable: kubelet's PodResources API did not answer,
+	// so no slice can be proven free and none is destroyed.
+	ReasonKubeletUnreachable = "KubeletUnreachable"
+	// ReasonMIGDisabled: a GPU of the plan has MIG mode off or pending a reset.
+	ReasonMIGDisabled = "MIGModeDisabled"
+	// ReasonNoSuchGPU: the plan names a GPU index the node does not have.
+	ReasonNoSuchGPU = "NoSuchGPU"
+	// ReasonInvalidSpec: the plan's layout is not valid for the GPU.
+	ReasonInvalidSpec = "InvalidSpec"
+	// ReasonNVMLError: an NVML call failed; the agent retries with backoff.
+	ReasonNVMLError = "NVMLError"
+	// ReasonDevicePluginTimeout: the device plugin did not re-advertise the
+	// slices in time; the agent retries.
+	ReasonDevicePluginTimeout = "DevicePluginTimeout"
+)

@@ -1,0 +1,150 @@
+// Package app wires the node agent: flags, clients, the NVML library (or
+// simulated GPUs), kubelet's PodResources API, and the metrics and health
+// endpoints.
+package app
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/component-base/metrics/legacyregistry"
+	"k8s.io/klog/v2"
+
+	"github.com/dynamig/dynamig/node-agent/agent"
+	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/node-agent/podresources"
+)
+
+// Options are the agent's flags.
+type Options struct {
+	Kubeconfig         string
+	PodResourcesSocket string
+	ListenAddress      string
+	NVMLLibrary        string
+	// Simulate, if set, runs on simulated GPUs of these catalog models
+	// instead of NVML: "A100-80GB,A100-80GB".
+	Simulate string
+	agent.Config
+}
+
+// Flags registers the options on fs with their defaults.
+func (o *Options) Flags(fs *flag.FlagSet) {
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file; in-cluster configuration if empty")
+	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME, set from the downward API)")
+	fs.StringVar(&o.PodResourcesSocket, "pod-resources-socket", podresources.DefaultSocket, "kubelet's PodResources API socket")
+	fs.StringVar(&o.DevicePluginNamespace, "device-plugin-namespace", "gpu-operator", "namespace of the NVIDIA device plugin pods")
+	fs.StringVar(&o.DevicePluginSelector, "device-plugin-selector", "app=nvidia-device-plugin-daemonset", "label selector of the NVIDIA device plugin pods")
+	fs.DurationVar(&o.DevicePluginTimeout, "device-plugin-timeout", 2*time.Minute, "how long to wait for the device plugin to re-advertise the slices after a change")
+	fs.DurationVar(&o.ResyncPeriod, "resync-period", 30*time.Second, "how often to observe the GPUs without an event")
+	fs.StringVar(&o.ListenAddress, "listen-address", ":8080", "address of /metrics, /healthz and /readyz")
+	fs.StringVar(&o.NVMLLibrary, "nvml-library", "", "path of libnvidia-ml.so.1 (default: the dynamic linker's search path)")
+	fs.StringVar(&o.Simulate, "simulate", "", "run on simulated GPUs of these comma-separated catalog models (e.g. A100-80GB,H100-80GB) instead of NVML")
+}
+
+// Validate checks the options.
+func (o *Options) Validate() error {
+	var errs []error
+	if o.NodeName == "" {
+		errs = append(errs, errors.New("--node-name is empty: set it or NODE_NAME from the downward API (fieldRef spec.nodeName)"))
+	}
+	if o.DevicePluginTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--device-plugin-timeout must be positive, got %s", o.DevicePluginTimeout))
+	}
+	if o.ResyncPeriod <= 0 {
+		errs = append(errs, fmt.Errorf("--resync-period must be positive, got %s", o.ResyncPeriod))
+	}
+	return errors.Join(errs...)
+}
+
+// OpenGPUs opens NVML, or the simulated GPUs of --simulate.
+func (o *Options) OpenGPUs() (*gpu.NVML, error) {
+	if o.Simulate != "" {
+		sim, err := gpu.NewSimulator(o.NodeName, strings.Split(o.Simulate, ",")...)
+		if err != nil {
+			return nil, fmt.Errorf("--simulate: %w", err)
+		}
+		return gpu.Open(sim.Interface())
+	}
+	var opts []nvml.LibraryOption
+	if o.NVMLLibrary != "" {
+		opts = append(opts, nvml.WithLibraryPath(o.NVMLLibrary))
+	}
+	return gpu.Open(nvml.New(opts...))
+}
+
+// Run runs the agent until ctx ends.
+func Run(ctx context.Context, o Options) error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	logger := klog.FromContext(ctx)
+	lib, err := o.OpenGPUs()
+	if err != nil {
+		return err
+	}
+	defer func() { _ = lib.Close() }()
+	cfg, err := clientcmd.BuildConfigFromFlags("", o.Kubeconfig)
+	if err != nil {
+		return fmt.Errorf("loading the API server configuration: %w", err)
+	}
+	cfg = rest.CopyConfig(cfg)
+	cfg.UserAgent = "dynamig-agent/" + o.NodeName
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	kubelet, err := podresources.Dial(o.PodResourcesSocket, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = kubelet.Close() }()
+	a, err := agent.New(o.Config, lib, kube, dyn, kubelet)
+	if err != nil {
+		return err
+	}
+	srv, err := serve(ctx, o.ListenAddress, a.Ready)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = srv.Close() }()
+	logger.Info("serving metrics and health", "address", o.ListenAddress)
+	return a.Run(ctx)
+}
+
+// serve starts /metrics, /healthz (the process is up) and /readyz (the
+// agent has reported its node once).
+func serve(ctx context.Context, addr string, ready func() bool) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", legacyregistry.Handler())
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "the node has not been synced yet", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	})
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	go func() { _ = srv.Serve(l) }()
+	return srv, nil
+}

@@ -1,0 +1,92 @@
+// Package podresources reads, and for tests and the local cluster serves,
+// the kubelet PodResources v1 gRPC API: which device IDs kubelet has
+// allocated to which pods, and which it can allocate. The agent asks it
+// before destroying a MIG slice.
+package podresources
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
+)
+
+// DefaultSocket is where kubelet serves the API.
+const DefaultSocket = "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+// Client talks to kubelet's PodResources API on its unix socket.
+type Client struct {
+	conn    *grpc.ClientConn
+	api     v1.PodResourcesListerClient
+	socket  string
+	timeout time.Duration
+}
+
+// Dial prepares a client for the socket; it connects on first use, so a
+// kubelet that is not up yet is an error of Devices, not of Dial.
+func Dial(socket string, timeout time.Duration) (*Client, error) {
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("kubelet PodResources API at %s: %w", socket, err)
+	}
+	return &Client{conn: conn, api: v1.NewPodResourcesListerClient(conn), socket: socket, timeout: timeout}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Devices is kubelet's view of the devices of the resources asked for.
+type Devices struct {
+	// Used maps a device ID to the pod ("namespace/name") holding it.
+	Used map[string]string
+	// Allocatable holds every device ID kubelet knows, allocated or not.
+	Allocatable map[string]bool
+}
+
+// Devices lists the allocated and allocatable device IDs of the resources
+// whose names start with prefix ("nvidia.com/mig-"). IDs are as the device
+// plugin advertised them, without a "::n" replica suffix.
+func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	list, err := c.api.List(ctx, &v1.ListPodResourcesRequest{})
+	if err != nil {
+		return Devices{}, fmt.Errorf("listing pod resources from kubelet at %s: %w", c.socket, err)
+	}
+	alloc, err := c.api.GetAllocatableResources(ctx, &v1.AllocatableResourcesRequest{})
+	if err != nil {
+		return Devices{}, fmt.Errorf("listing allocatable resources from kubelet at %s: %w", c.socket, err)
+	}
+	d := Devices{Used: map[string]string{}, Allocatable: map[string]bool{}}
+	for _, pod := range list.GetPodResources() {
+		for _, ctr := range pod.GetContainers() {
+			for _, dev := range ctr.GetDevices() {
+				if strings.HasPrefix(dev.GetResourceName(), prefix) {
+					for _, id := range dev.GetDeviceIds() {
+						d.Used[baseID(id)] = pod.GetNamespace() + "/" + pod.GetName()
+					}
+				}
+			}
+		}
+	}
+	for _, dev := range alloc.GetDevices() {
+		if strings.HasPrefix(dev.GetResourceName(), prefix) {
+			for _, id := range dev.GetDeviceIds() {
+				d.Allocatable[baseID(id)] = true
+			}
+		}
+	}
+	return d, nil
+}
+
+// baseID strips the "::n" suffix of a shared (time-sliced or MPS) replica.
+func baseID(id string) string {
+	if i := strings.Index(id, "::"); i >= 0 {
+		return id[:i]
+	}
+	return id
+}

@@ -1,0 +1,143 @@
+package podresources
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
+)
+
+// Server serves the PodResources v1 API as kubelet does, from state its
+// owner sets: the stand-in for kubelet in tests and the local cluster.
+type Server struct {
+	v1.UnimplementedPodResourcesListerServer
+
+	mu          sync.Mutex
+	allocatable map[string][]string                      // resource → device IDs
+	pods        map[string]map[string]map[string][]string // "ns/name" → container → resource → IDs
+
+	grpc *grpc.Server
+}
+
+// NewServer returns a server with nothing allocatable.
+func NewServer() *Server {
+	return &Server{allocatable: map[string][]string{}, pods: map[string]map[string]map[string][]string{}}
+}
+
+// Serve listens on the unix socket (replacing a stale one) until Stop.
+func (s *Server) Serve(socket string) error {
+	if err := os.Remove(socket); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("removing stale socket %s: %w", socket, err)
+	}
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", socket, err)
+	}
+	s.mu.Lock()
+	s.grpc = grpc.NewServer()
+	v1.RegisterPodResourcesListerServer(s.grpc, s)
+	g := s.grpc
+	s.mu.Unlock()
+	go func() { _ = g.Serve(l) }()
+	return nil
+}
+
+// Stop stops serving.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.grpc != nil {
+		s.grpc.Stop()
+	}
+}
+
+// SetAllocatable replaces the device IDs of a resource, as a device plugin
+// registering with kubelet does.
+func (s *Server) SetAllocatable(resource string, ids []string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.allocatable[resource] = append([]string(nil), ids...)
+}
+
+// Allocate records that a pod's container holds device IDs of a resource.
+func (s *Server) Allocate(pod, container, resource string, ids ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pods[pod] == nil {
+		s.pods[pod] = map[string]map[string][]string{}
+	}
+	if s.pods[pod][container] == nil {
+		s.pods[pod][container] = map[string][]string{}
+	}
+	s.pods[pod][container][resource] = append(s.pods[pod][container][resource], ids...)
+}
+
+// Release forgets a pod ("namespace/name"), as kubelet does once it is gone.
+func (s *Server) Release(pod string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pods, pod)
+}
+
+// List implements the API.
+func (s *Server) List(context.Context, *v1.ListPodResourcesRequest) (*v1.ListPodResourcesResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := &v1.ListPodResourcesResponse{}
+	for _, key := range sortedKeys(s.pods) {
+		out.PodResources = append(out.PodResources, s.podLocked(key))
+	}
+	return out, nil
+}
+
+// Get implements the API.
+func (s *Server) Get(_ context.Context, req *v1.GetPodResourcesRequest) (*v1.GetPodResourcesResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	key := req.GetPodNamespace() + "/" + req.GetPodName()
+	if _, ok := s.pods[key]; !ok {
+		return nil, status.Errorf(codes.NotFound, "pod %s not found", key)
+	}
+	return &v1.GetPodResourcesResponse{PodResources: s.podLocked(key)}, nil
+}
+
+// GetAllocatableResources implements the API.
+func (s *Server) GetAllocatableResources(context.Context, *v1.AllocatableResourcesRequest) (*v1.AllocatableResourcesResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := &v1.AllocatableResourcesResponse{}
+	for _, r := range sortedKeys(s.allocatable) {
+		out.Devices = append(out.Devices, &v1.ContainerDevices{ResourceName: r, DeviceIds: append([]string(nil), s.allocatable[r]...)})
+	}
+	return out, nil
+}
+
+func (s *Server) podLocked(key string) *v1.PodResources {
+	ns, name, _ := strings.Cut(key, "/")
+	pr := &v1.PodResources{Namespace: ns, Name: name}
+	for _, c := range sortedKeys(s.pods[key]) {
+		cr := &v1.ContainerResources{Name: c}
+		for _, r := range sortedKeys(s.pods[key][c]) {
+			cr.Devices = append(cr.Devices, &v1.ContainerDevices{ResourceName: r, DeviceIds: append([]string(nil), s.pods[key][c][r]...)})
+		}
+		pr.Containers = append(pr.Containers, cr)
+	}
+	return pr
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
