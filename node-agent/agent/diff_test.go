@@ -65,11 +65,11 @@ func TestDiff(t *testing.T) {
 			{Create, 1, sl("2g.20gb", 0)}, {Create, 1, sl("2g.20gb", 2)},
 		},
 	}, {
-		name:     "a used slice in the way: the GPU is left alone, others proceed",
-		observed: []Observed{obs(0, have("4g.40gb", 0, "team/train")), obs(1)},
-		spec:     map[int][]mig.Slice{0: {sl("7g.80gb", 0)}, 1: {sl("7g.80gb", 0)}},
-		verified: true,
-		steps:    []Step{{Create, 1, sl("7g.80gb", 0)}},
+		name:      "a used slice in the way: the GPU is left alone, others proceed",
+		observed:  []Observed{obs(0, have("4g.40gb", 0, "team/train")), obs(1)},
+		spec:      map[int][]mig.Slice{0: {sl("7g.80gb", 0)}, 1: {sl("7g.80gb", 0)}},
+		verified:  true,
+		steps:     []Step{{Create, 1, sl("7g.80gb", 0)}},
 		conflicts: []Conflict{{0, ReasonSliceInUse, "gpu 0: not changed: 4g.40gb@0 (MIG-4g.40gb) is used by pod team/train"}},
 	}, {
 		name:      "kubelet not reachable: no destroy, creates into free space go ahead",

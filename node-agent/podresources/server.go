@@ -21,7 +21,7 @@ type Server struct {
 	v1.UnimplementedPodResourcesListerServer
 
 	mu          sync.Mutex
-	allocatable map[string][]string                      // resource → device IDs
+	allocatable map[string][]string                       // resource → device IDs
 	pods        map[string]map[string]map[string][]string // "ns/name" → container → resource → IDs
 
 	grpc *grpc.Server
