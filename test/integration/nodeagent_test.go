@@ -453,4 +453,3 @@ func (c *cluster) devicePluginUID(t *testing.T, node string) string {
 	}
 	return ""
 }
-

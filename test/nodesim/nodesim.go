@@ -372,7 +372,7 @@ func (n *Node) createPlugin(ctx context.Context) error {
 	}
 	pod, err := n.cs.CoreV1().Pods(DevicePluginNamespace).Create(ctx, &v1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: n.pluginName(), Labels: map[string]string{DevicePluginLabel: DevicePluginApp}},
-		Spec: v1.PodSpec{NodeName: n.Name, Containers: []v1.Container{{Name: "nvidia-device-plugin", Image: "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"}}},
+		Spec:       v1.PodSpec{NodeName: n.Name, Containers: []v1.Container{{Name: "nvidia-device-plugin", Image: "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"}}},
 	}, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
 		return nil // the old one is still terminating: its deletion comes back here
