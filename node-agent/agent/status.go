@@ -7,10 +7,12 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
@@ -146,22 +148,37 @@ func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, conflicts 
 	return err
 }
 
-// writeStatus updates the status subresource if it changed. A conflict
-// (someone changed the object) fails the sync, which retries.
+// writeStatus updates the status subresource if it changed. The status
+// is what the agent observed, true whatever the spec became meanwhile, so
+// a write conflict is retried at once on the fresh object.
 func (a *Agent) writeStatus(ctx context.Context, np *v1alpha1.NodePartition, st v1alpha1.NodePartitionStatus) error {
 	if equality.Semantic.DeepEqual(np.Status, st) {
 		return nil
 	}
-	updated := np.DeepCopy()
-	updated.Status = st
-	u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(updated)
+	current := np
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		updated := current.DeepCopy()
+		updated.Status = st
+		u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(updated)
+		if err != nil {
+			return err
+		}
+		obj := &unstructured.Unstructured{Object: u}
+		obj.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
+		obj.SetKind("NodePartition")
+		_, err = a.partitions.UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: "dynamig-agent"})
+		if apierrors.IsConflict(err) {
+			fresh, gerr := a.partitions.Get(ctx, np.Name, metav1.GetOptions{})
+			if gerr != nil {
+				return gerr
+			}
+			if current, gerr = decode(fresh); gerr != nil {
+				return gerr
+			}
+		}
+		return err
+	})
 	if err != nil {
-		return fmt.Errorf("encoding NodePartition %s: %w", np.Name, err)
-	}
-	obj := &unstructured.Unstructured{Object: u}
-	obj.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
-	obj.SetKind("NodePartition")
-	if _, err := a.partitions.UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: "dynamig-agent"}); err != nil {
 		return fmt.Errorf("writing NodePartition %s status: %w", np.Name, err)
 	}
 	return nil

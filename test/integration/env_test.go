@@ -52,7 +52,7 @@ type cluster struct {
 func startCluster(t *testing.T) *cluster {
 	etcd := testserver.RunEtcd(t, nil)
 	storage := &storagebackend.Config{Type: "etcd3", Prefix: "/registry", Transport: storagebackend.TransportConfig{ServerList: etcd.Endpoints()}}
-	s := kubeapiservertesting.StartTestServerOrDie(t, nil, []string{"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition"}, storage)
+	s := kubeapiservertesting.StartTestServerOrDie(t, nil, []string{"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition", "--allow-privileged=true", "--authorization-mode=RBAC"}, storage)
 	t.Cleanup(s.TearDownFn)
 	c := &cluster{cfg: s.ClientConfig, cs: kubernetes.NewForConfigOrDie(s.ClientConfig), dyn: dynamic.NewForConfigOrDie(s.ClientConfig)}
 	installCRDs(t, s.ClientConfig)

@@ -11,11 +11,14 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	appsv1 "k8s.io/api/apps/v1"
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/util/retry"
+	"k8s.io/utils/ptr"
 
 	"github.com/dynamig/dynamig/node-agent/agent"
 	"github.com/dynamig/dynamig/node-agent/gpu"
@@ -87,8 +90,7 @@ func (c *cluster) startRealAgent(t *testing.T, n *nodesim.Node, devicePluginTime
 
 // publish writes a plan to the node's NodePartition spec, as the scheduler does.
 func (c *cluster) publish(t *testing.T, node, plan string, layouts map[int32][]string) {
-	np := c.partition(t, node)
-	np.Spec = v1alpha1.NodePartitionSpec{PlanID: plan}
+	spec := v1alpha1.NodePartitionSpec{PlanID: plan}
 	idx := make([]int, 0, len(layouts))
 	for i := range layouts {
 		idx = append(idx, int(i))
@@ -100,10 +102,16 @@ func (c *cluster) publish(t *testing.T, node, plan string, layouts map[int32][]s
 			sl := mustSlice(s)
 			g.Slices = append(g.Slices, v1alpha1.Slice{Profile: sl.Profile.String(), Start: int32(sl.Start)})
 		}
-		np.Spec.GPUs = append(np.Spec.GPUs, g)
+		spec.GPUs = append(spec.GPUs, g)
 	}
-	_, err := c.dyn.Resource(v1alpha1.Resource).Update(context.Background(), toUnstructured(t, np), metav1.UpdateOptions{})
-	require.NoError(t, err)
+	// The agent writes the status meanwhile: retry on conflict, as the
+	// scheduler's optimistic publish does.
+	require.NoError(t, retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		np := c.partition(t, node)
+		np.Spec = spec
+		_, err := c.dyn.Resource(v1alpha1.Resource).Update(context.Background(), toUnstructured(t, np), metav1.UpdateOptions{})
+		return err
+	}))
 }
 
 func mustSlice(s string) mig.Slice {
@@ -199,6 +207,7 @@ func destroyedUUIDs(n *nodesim.Node) map[string]bool {
 // API server, with a kubelet and device-plugin stand-in per node.
 func TestNodeAgent(t *testing.T) {
 	c := startCluster(t)
+	t.Run("agent manifests and least privilege", c.testAgentManifests)
 
 	t.Run("reports a freshly labelled node", func(t *testing.T) {
 		n := c.simNode(t, "report", 0, "A100-80GB", "H100-80GB")
@@ -420,6 +429,66 @@ func TestNodeAgent(t *testing.T) {
 		n.PauseDevicePlugin(false)
 		c.waitApplied(t, "plugin", "p-1")
 		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, allocatable(t, c, "plugin"))
+	})
+
+	t.Run("the seed end to end: scheduler, agent, device plugin, kubelet", func(t *testing.T) {
+		ns := c.namespace(t, "agent-seed")
+		n := c.simNode(t, "seed", 200*time.Millisecond, "A100-80GB")
+		c.startRealAgent(t, n, 20*time.Second)
+		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
+			u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "seed", metav1.GetOptions{})
+			return err == nil && len(fromUnstructured(t, u).Status.GPUs) == 1, nil
+		})
+		c.startScheduler(t)
+		start := time.Now()
+		template := migPod(ns, "", "nvidia.com/mig-1g.10gb")
+		template.Labels = map[string]string{"app": "seed"}
+		_, err := c.cs.AppsV1().Deployments(ns).Create(context.Background(), &appsv1.Deployment{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "seed"},
+			Spec: appsv1.DeploymentSpec{
+				Replicas: ptr.To[int32](5),
+				Selector: &metav1.LabelSelector{MatchLabels: template.Labels},
+				Template: v1.PodTemplateSpec{ObjectMeta: template.ObjectMeta, Spec: template.Spec},
+			},
+		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+		var pods []v1.Pod
+		waitFor(t, 60*time.Second, "5 pods of the Deployment running", func() (bool, error) {
+			list, err := c.cs.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: "app=seed"})
+			if err != nil {
+				return false, err
+			}
+			pods = list.Items
+			running := 0
+			for _, p := range pods {
+				if p.Status.Phase == v1.PodRunning {
+					running++
+				}
+			}
+			return running == 5 && len(pods) == 5, nil
+		})
+		t.Logf("5 × 1g.10gb on an empty A100-80GB: all Running %v after the Deployment was created", time.Since(start).Round(time.Millisecond))
+		devices := map[string]bool{}
+		for _, p := range pods {
+			held := n.Holding(ns + "/" + p.Name)["nvidia.com/mig-1g.10gb"]
+			require.Len(t, held, 1, "pod %s holds one slice", p.Name)
+			devices[held[0]] = true
+		}
+		assert.Len(t, devices, 5, "five distinct MIG devices")
+		waitFor(t, 10*time.Second, "the status reports the plan applied and five slices used", func() (bool, error) {
+			np := c.partition(t, "seed")
+			used := 0
+			for _, s := range np.Status.GPUs[0].Slices {
+				if s.Used {
+					used++
+				}
+			}
+			return np.Spec.PlanID == np.Status.ObservedPlanID && used == 5, nil
+		})
+		m, err := mig.ModelByName("A100-80GB")
+		require.NoError(t, err)
+		require.NoError(t, m.Validate(n.Sim.Layout(0)), "the GPU holds a valid layout")
+		require.NoError(t, c.cs.AppsV1().Deployments(ns).Delete(context.Background(), "seed", metav1.DeleteOptions{}))
 	})
 
 	t.Run("an invalid plan is refused with a reason", func(t *testing.T) {
