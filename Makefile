@@ -24,8 +24,8 @@ test: ## Run all tests with the race detector.
 	$(GO) test -race -count=1 $(PKGS)
 
 .PHONY: test-integration
-test-integration: ## Run the scheduler against a real kube-apiserver and etcd (part of make test).
-	$(GO) test -race -count=1 -v -run TestScheduler ./test/integration/
+test-integration: ## Run the scheduler and the node agent against a real kube-apiserver and etcd (part of make test).
+	$(GO) test -race -count=1 -v ./test/integration/
 
 .PHONY: verify
 verify: ## Check formatting, go vet, and that generated files are up to date.
@@ -49,6 +49,11 @@ fuzz: ## Fuzz the parsers for FUZZTIME each (default 30s).
 	$(GO) test -run '^$$' -fuzz FuzzParseProfile -fuzztime $(or $(FUZZTIME),30s) ./pkg/mig/
 	$(GO) test -run '^$$' -fuzz FuzzParseResourceName -fuzztime $(or $(FUZZTIME),30s) ./pkg/mig/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(or $(FUZZTIME),30s) ./pkg/scenario/
+
+.PHONY: images
+images: ## Build the container images (needs docker): dynamig/dynamig-scheduler:dev, dynamig/dynamig-agent:dev.
+	docker build -f Dockerfile.scheduler -t dynamig/dynamig-scheduler:dev .
+	docker build -f Dockerfile.agent -t dynamig/dynamig-agent:dev .
 
 .PHONY: demo
 demo: ## Plan the seed scenario (5 × 1g.10gb on one A100-80GB), then replay it under every strategy.

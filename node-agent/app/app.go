@@ -118,10 +118,11 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	srv, err := serve(ctx, o.ListenAddress, a.Ready)
+	l, err := net.Listen("tcp", o.ListenAddress)
 	if err != nil {
-		return err
+		return fmt.Errorf("listening on %s: %w", o.ListenAddress, err)
 	}
+	srv := serve(ctx, l, a.Ready)
 	defer func() { _ = srv.Close() }()
 	logger.Info("serving metrics and health", "address", o.ListenAddress)
 	return a.Run(ctx)
@@ -129,7 +130,7 @@ func Run(ctx context.Context, o Options) error {
 
 // serve starts /metrics, /healthz (the process is up) and /readyz (the
 // agent has reported its node once).
-func serve(ctx context.Context, addr string, ready func() bool) (*http.Server, error) {
+func serve(ctx context.Context, l net.Listener, ready func() bool) *http.Server {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", legacyregistry.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
@@ -140,11 +141,7 @@ func serve(ctx context.Context, addr string, ready func() bool) (*http.Server, e
 		}
 		_, _ = w.Write([]byte("ok"))
 	})
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listening on %s: %w", addr, err)
-	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() { _ = srv.Serve(l) }()
-	return srv, nil
+	return srv
 }

@@ -59,9 +59,14 @@ type runningAgent struct {
 // startRealAgent runs the node agent on the node's simulated GPUs (its
 // own NVML session, as a separate process would have) until stopped.
 func (c *cluster) startRealAgent(t *testing.T, n *nodesim.Node, devicePluginTimeout time.Duration) *runningAgent {
+	return c.startAgentWithSocket(t, n, n.Socket, devicePluginTimeout)
+}
+
+// startAgentWithSocket is startRealAgent with another PodResources socket.
+func (c *cluster) startAgentWithSocket(t *testing.T, n *nodesim.Node, socket string, devicePluginTimeout time.Duration) *runningAgent {
 	lib, err := gpu.Open(n.Sim.Interface())
 	require.NoError(t, err)
-	kubelet, err := podresources.Dial(n.Socket, 5*time.Second)
+	kubelet, err := podresources.Dial(socket, time.Second)
 	require.NoError(t, err)
 	a, err := agent.New(agent.Config{
 		NodeName: n.Name, DevicePluginNamespace: nodesim.DevicePluginNamespace,
@@ -354,6 +359,7 @@ func TestNodeAgent(t *testing.T) {
 		c.publish(t, "fault", "p-1", map[int32][]string{0: {"2g.20gb@0", "2g.20gb@2", "3g.40gb@4"}})
 		c.waitApplied(t, "fault", "p-1")
 		assert.Equal(t, []string{"2g.20gb@0", "2g.20gb@2", "3g.40gb@4"}, layoutStrings(n.Sim.Layout(0)))
+		assert.Positive(t, counter(t, "dynamig_agent_nvml_errors_total", map[string]string{"operation": "create", "code": "UNKNOWN"}))
 		waitFor(t, 10*time.Second, "NVMLError event", func() (bool, error) {
 			return len(c.coreEvents(t, "NodePartition", "fault", agent.ReasonNVMLError)) > 0, nil
 		})
@@ -489,6 +495,25 @@ func TestNodeAgent(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, m.Validate(n.Sim.Layout(0)), "the GPU holds a valid layout")
 		require.NoError(t, c.cs.AppsV1().Deployments(ns).Delete(context.Background(), "seed", metav1.DeleteOptions{}))
+	})
+
+	t.Run("kubelet unreachable: slices are created, none destroyed", func(t *testing.T) {
+		n := c.simNode(t, "nokubelet", 0, "A100-80GB")
+		c.startAgentWithSocket(t, n, n.Socket+".absent", 10*time.Second)
+		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
+			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "nokubelet", metav1.GetOptions{})
+			return err == nil, nil
+		})
+		c.publish(t, "nokubelet", "p-1", map[int32][]string{0: {"1g.10gb@0", "1g.10gb@1"}})
+		c.waitApplied(t, "nokubelet", "p-1")
+		c.publish(t, "nokubelet", "p-2", map[int32][]string{0: {"7g.80gb@0"}})
+		var np *v1alpha1.NodePartition
+		waitFor(t, 10*time.Second, "plan refused", func() (bool, error) {
+			np = c.partition(t, "nokubelet")
+			return np.Status.ObservedPlanID == "p-2", nil
+		})
+		assert.Equal(t, agent.ReasonKubeletUnreachable, condition(np, v1alpha1.ConditionFailed).Reason)
+		assert.Equal(t, []string{"1g.10gb@0", "1g.10gb@1"}, layoutStrings(n.Sim.Layout(0)))
 	})
 
 	t.Run("an invalid plan is refused with a reason", func(t *testing.T) {
