@@ -81,6 +81,10 @@ func migMode(m gpu.MIGMode) v1alpha1.MIGMode {
 // the device plugin) leaves it, so the scheduler keeps waiting for the plan.
 func (a *Agent) conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitionStatus, out outcome) {
 	plan := np.Spec.PlanID
+	name := plan
+	if name == "" {
+		name = "(none)"
+	}
 	st.ObservedGeneration = np.Generation
 	st.ObservedPlanID = np.Status.ObservedPlanID
 	st.Conditions = append([]metav1.Condition(nil), np.Status.Conditions...)
@@ -88,14 +92,14 @@ func (a *Agent) conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitio
 	failed := metav1.Condition{Type: v1alpha1.ConditionFailed, ObservedGeneration: np.Generation, Status: metav1.ConditionTrue}
 	switch {
 	case out.err != nil:
-		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonApplying, fmt.Sprintf("plan %s: retrying after: %v", plan, out.err)
+		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonApplying, fmt.Sprintf("plan %s: retrying after: %v", name, out.err)
 		failed.Reason, failed.Message = out.reason, out.err.Error()
 	case len(out.conflicts) > 0:
 		msgs := make([]string, len(out.conflicts))
 		for i, c := range out.conflicts {
 			msgs[i] = c.Message
 		}
-		msg := fmt.Sprintf("plan %s not fully applied: %s", plan, strings.Join(msgs, "; "))
+		msg := fmt.Sprintf("plan %s not fully applied: %s", name, strings.Join(msgs, "; "))
 		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, out.conflicts[0].Reason, msg
 		failed.Reason, failed.Message = out.conflicts[0].Reason, msg
 		st.ObservedPlanID = plan
@@ -120,7 +124,7 @@ func (a *Agent) conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitio
 		for i, s := range out.steps {
 			steps[i] = s.String()
 		}
-		a.recorder.Eventf(ref, v1.EventTypeNormal, ReasonApplied, "plan %s: %s; the device plugin advertises the slices", plan, strings.Join(steps, ", "))
+		a.recorder.Eventf(ref, v1.EventTypeNormal, ReasonApplied, "plan %s: %s; the device plugin advertises the slices", name, strings.Join(steps, ", "))
 	}
 }
 

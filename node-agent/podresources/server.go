@@ -3,9 +3,10 @@ package podresources
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"os"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 
@@ -92,7 +93,7 @@ func (s *Server) List(context.Context, *v1.ListPodResourcesRequest) (*v1.ListPod
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := &v1.ListPodResourcesResponse{}
-	for _, key := range sortedKeys(s.pods) {
+	for _, key := range slices.Sorted(maps.Keys(s.pods)) {
 		out.PodResources = append(out.PodResources, s.podLocked(key))
 	}
 	return out, nil
@@ -114,7 +115,7 @@ func (s *Server) GetAllocatableResources(context.Context, *v1.AllocatableResourc
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := &v1.AllocatableResourcesResponse{}
-	for _, r := range sortedKeys(s.allocatable) {
+	for _, r := range slices.Sorted(maps.Keys(s.allocatable)) {
 		out.Devices = append(out.Devices, &v1.ContainerDevices{ResourceName: r, DeviceIds: append([]string(nil), s.allocatable[r]...)})
 	}
 	return out, nil
@@ -123,21 +124,12 @@ func (s *Server) GetAllocatableResources(context.Context, *v1.AllocatableResourc
 func (s *Server) podLocked(key string) *v1.PodResources {
 	ns, name, _ := strings.Cut(key, "/")
 	pr := &v1.PodResources{Namespace: ns, Name: name}
-	for _, c := range sortedKeys(s.pods[key]) {
+	for _, c := range slices.Sorted(maps.Keys(s.pods[key])) {
 		cr := &v1.ContainerResources{Name: c}
-		for _, r := range sortedKeys(s.pods[key][c]) {
+		for _, r := range slices.Sorted(maps.Keys(s.pods[key][c])) {
 			cr.Devices = append(cr.Devices, &v1.ContainerDevices{ResourceName: r, DeviceIds: append([]string(nil), s.pods[key][c][r]...)})
 		}
 		pr.Containers = append(pr.Containers, cr)
 	}
 	return pr
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }

@@ -8,8 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
-	"sort"
+	"slices"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -173,7 +174,7 @@ func (s *Scenario) validate(root *yaml.Node) error {
 		}
 		pods[p.Name] = true
 		p.demand = map[mig.ProfileName]int{}
-		for _, r := range sortedKeys(p.Requests) {
+		for _, r := range slices.Sorted(maps.Keys(p.Requests)) {
 			n := p.Requests[r]
 			prof, err := mig.ParseResourceName(r)
 			if err != nil {
@@ -220,15 +221,6 @@ func lineOf(root *yaml.Node, path ...any) int {
 		}
 	}
 	return n.Line
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
 
 // Models returns the model of each GPU of node i.

@@ -93,6 +93,22 @@ func (c *cluster) startAgentWithSocket(t *testing.T, n *nodesim.Node, socket str
 	return &runningAgent{stop: stop}
 }
 
+// waitReported waits until the agent has created the node's NodePartition
+// and reported its GPUs.
+func (c *cluster) waitReported(t *testing.T, node string) *v1alpha1.NodePartition {
+	t.Helper()
+	var np *v1alpha1.NodePartition
+	waitFor(t, 20*time.Second, "NodePartition "+node+" reported", func() (bool, error) {
+		u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), node, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		np = fromUnstructured(t, u)
+		return len(np.Status.GPUs) > 0, nil
+	})
+	return np
+}
+
 // publish writes a plan to the node's NodePartition spec, as the scheduler does.
 func (c *cluster) publish(t *testing.T, node, plan string, layouts map[int32][]string) {
 	spec := v1alpha1.NodePartitionSpec{PlanID: plan}
@@ -160,6 +176,18 @@ func (c *cluster) waitApplied(t *testing.T, node, plan string) *v1alpha1.NodePar
 	return np
 }
 
+// waitRefused waits until the agent is done with a plan it did not apply
+// (observedPlanID moves, Failed is True) and returns the NodePartition.
+func (c *cluster) waitRefused(t *testing.T, node, plan string) *v1alpha1.NodePartition {
+	t.Helper()
+	var np *v1alpha1.NodePartition
+	waitFor(t, 10*time.Second, "plan "+plan+" refused on "+node, func() (bool, error) {
+		np = c.partition(t, node)
+		return np.Status.ObservedPlanID == plan && condition(np, v1alpha1.ConditionFailed).Status == metav1.ConditionTrue, nil
+	})
+	return np
+}
+
 // boundPod creates a pod bound to the node (no scheduler involved)
 // requesting one slice of a profile, and waits for the stand-in kubelet
 // to run it.
@@ -218,15 +246,8 @@ func TestNodeAgent(t *testing.T) {
 		n := c.simNode(t, "report", 0, "A100-80GB", "H100-80GB")
 		n.Sim.SetMIGMode(1, false, false)
 		c.startRealAgent(t, n, 10*time.Second)
-		var np *v1alpha1.NodePartition
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "report", metav1.GetOptions{})
-			if err != nil {
-				return false, nil
-			}
-			np = fromUnstructured(t, u)
-			return len(np.Status.GPUs) == 2, nil
-		})
+		np := c.waitReported(t, "report")
+		require.Len(t, np.Status.GPUs, 2)
 		node, err := c.cs.CoreV1().Nodes().Get(context.Background(), "report", metav1.GetOptions{})
 		require.NoError(t, err)
 		require.Len(t, np.OwnerReferences, 1)
@@ -260,10 +281,7 @@ func TestNodeAgent(t *testing.T) {
 	t.Run("applies a plan at its placements and waits for the device plugin", func(t *testing.T) {
 		n := c.simNode(t, "apply", 500*time.Millisecond, "A100-80GB")
 		c.startRealAgent(t, n, 20*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "apply", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "apply")
 		pluginBefore := c.devicePluginUID(t, "apply")
 		start := time.Now()
 		c.publish(t, "apply", "p-1", map[int32][]string{0: {"1g.10gb@0", "1g.10gb@1", "3g.40gb@4"}})
@@ -306,10 +324,7 @@ func TestNodeAgent(t *testing.T) {
 		ns := c.namespace(t, "agent-used")
 		n := c.simNode(t, "used", 0, "A100-80GB")
 		c.startRealAgent(t, n, 20*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "used", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "used")
 		c.publish(t, "used", "p-1", map[int32][]string{0: {"1g.10gb@0", "1g.10gb@1"}})
 		c.waitApplied(t, "used", "p-1")
 		c.boundPod(t, ns, "holder", "used", "1g.10gb")
@@ -325,11 +340,7 @@ func TestNodeAgent(t *testing.T) {
 		})
 
 		c.publish(t, "used", "p-2", map[int32][]string{0: {"7g.80gb@0"}})
-		var np *v1alpha1.NodePartition
-		waitFor(t, 10*time.Second, "plan refused", func() (bool, error) {
-			np = c.partition(t, "used")
-			return np.Status.ObservedPlanID == "p-2", nil
-		})
+		np := c.waitRefused(t, "used", "p-2")
 		failed := condition(np, v1alpha1.ConditionFailed)
 		assert.Equal(t, metav1.ConditionTrue, failed.Status)
 		assert.Equal(t, agent.ReasonSliceInUse, failed.Reason)
@@ -350,10 +361,7 @@ func TestNodeAgent(t *testing.T) {
 	t.Run("an NVML fault in the middle of a plan is retried", func(t *testing.T) {
 		n := c.simNode(t, "fault", 0, "H100-80GB")
 		c.startRealAgent(t, n, 20*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "fault", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "fault")
 		n.Sim.FailCall(gpu.MethodCreateGPUInstance, 2, nvml.ERROR_UNKNOWN)
 		n.Sim.FailCall(gpu.MethodCreateComputeInstance, 3, nvml.ERROR_UNKNOWN)
 		c.publish(t, "fault", "p-1", map[int32][]string{0: {"2g.20gb@0", "2g.20gb@2", "3g.40gb@4"}})
@@ -369,10 +377,7 @@ func TestNodeAgent(t *testing.T) {
 		ns := c.namespace(t, "agent-restart")
 		n := c.simNode(t, "restart", 0, "A100-80GB", "A100-80GB")
 		a := c.startRealAgent(t, n, 20*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "restart", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "restart")
 		c.publish(t, "restart", "p-1", map[int32][]string{0: {"3g.40gb@0", "3g.40gb@4"}, 1: {"3g.40gb@4"}})
 		c.waitApplied(t, "restart", "p-1")
 		c.boundPod(t, ns, "busy", "restart", "3g.40gb")
@@ -418,10 +423,7 @@ func TestNodeAgent(t *testing.T) {
 	t.Run("device plugin that does not come back ends in a condition, then recovers", func(t *testing.T) {
 		n := c.simNode(t, "plugin", 0, "A30")
 		c.startRealAgent(t, n, time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "plugin", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "plugin")
 		n.PauseDevicePlugin(true)
 		c.publish(t, "plugin", "p-1", map[int32][]string{0: {"2g.12gb@0", "1g.6gb@2", "1g.6gb@3"}})
 		var np *v1alpha1.NodePartition
@@ -441,10 +443,7 @@ func TestNodeAgent(t *testing.T) {
 		ns := c.namespace(t, "agent-seed")
 		n := c.simNode(t, "seed", 200*time.Millisecond, "A100-80GB")
 		c.startRealAgent(t, n, 20*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "seed", metav1.GetOptions{})
-			return err == nil && len(fromUnstructured(t, u).Status.GPUs) == 1, nil
-		})
+		c.waitReported(t, "seed")
 		c.startScheduler(t)
 		start := time.Now()
 		template := migPod(ns, "", "nvidia.com/mig-1g.10gb")
@@ -500,18 +499,11 @@ func TestNodeAgent(t *testing.T) {
 	t.Run("kubelet unreachable: slices are created, none destroyed", func(t *testing.T) {
 		n := c.simNode(t, "nokubelet", 0, "A100-80GB")
 		c.startAgentWithSocket(t, n, n.Socket+".absent", 10*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "nokubelet", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "nokubelet")
 		c.publish(t, "nokubelet", "p-1", map[int32][]string{0: {"1g.10gb@0", "1g.10gb@1"}})
 		c.waitApplied(t, "nokubelet", "p-1")
 		c.publish(t, "nokubelet", "p-2", map[int32][]string{0: {"7g.80gb@0"}})
-		var np *v1alpha1.NodePartition
-		waitFor(t, 10*time.Second, "plan refused", func() (bool, error) {
-			np = c.partition(t, "nokubelet")
-			return np.Status.ObservedPlanID == "p-2", nil
-		})
+		np := c.waitRefused(t, "nokubelet", "p-2")
 		assert.Equal(t, agent.ReasonKubeletUnreachable, condition(np, v1alpha1.ConditionFailed).Reason)
 		assert.Equal(t, []string{"1g.10gb@0", "1g.10gb@1"}, layoutStrings(n.Sim.Layout(0)))
 	})
@@ -519,17 +511,10 @@ func TestNodeAgent(t *testing.T) {
 	t.Run("an invalid plan is refused with a reason", func(t *testing.T) {
 		n := c.simNode(t, "invalid", 0, "A100-40GB")
 		c.startRealAgent(t, n, 10*time.Second)
-		waitFor(t, 20*time.Second, "NodePartition reported", func() (bool, error) {
-			_, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), "invalid", metav1.GetOptions{})
-			return err == nil, nil
-		})
+		c.waitReported(t, "invalid")
 		// 3g.40gb is an A100-80GB profile; this GPU offers 3g.20gb.
 		c.publish(t, "invalid", "p-1", map[int32][]string{0: {"3g.40gb@0"}})
-		var np *v1alpha1.NodePartition
-		waitFor(t, 10*time.Second, "invalid plan refused", func() (bool, error) {
-			np = c.partition(t, "invalid")
-			return np.Status.ObservedPlanID == "p-1", nil
-		})
+		np := c.waitRefused(t, "invalid", "p-1")
 		assert.Equal(t, agent.ReasonInvalidSpec, condition(np, v1alpha1.ConditionFailed).Reason)
 		assert.Contains(t, condition(np, v1alpha1.ConditionFailed).Message, "3g.40gb")
 		assert.Empty(t, n.Sim.Layout(0))

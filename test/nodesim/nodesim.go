@@ -13,8 +13,9 @@ package nodesim
 import (
 	"context"
 	"fmt"
+	"maps"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -262,7 +263,7 @@ func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 	}
 	got := map[string][]string{}
 	var short string
-	for _, r := range sortedKeys(want) {
+	for _, r := range slices.Sorted(maps.Keys(want)) {
 		for _, id := range n.advertised[r] {
 			if len(got[r]) < int(want[r]) && !held[id] {
 				got[r] = append(got[r], id)
@@ -407,11 +408,11 @@ func (n *Node) advertise(ctx context.Context) error {
 		if !g.MIG.Current {
 			continue
 		}
-		slices, err := n.plugin.Slices(g.Index)
+		ss, err := n.plugin.Slices(g.Index)
 		if err != nil {
 			return err
 		}
-		for _, s := range slices {
+		for _, s := range ss {
 			if s.CI >= 0 && s.OtherComputeInstances == 0 {
 				r := s.Profile.ResourceName()
 				ids[r] = append(ids[r], s.UUID)
@@ -447,13 +448,4 @@ func (n *Node) advertise(ctx context.Context) error {
 		_, err = n.cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
 		return err
 	})
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
