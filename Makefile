@@ -56,7 +56,5 @@ images: ## Build the container images (needs docker): dynamig/dynamig-scheduler:
 	docker build -f Dockerfile.agent -t dynamig/dynamig-agent:dev .
 
 .PHONY: demo
-demo: ## Plan the seed scenario (5 × 1g.10gb on one A100-80GB), then replay it under every strategy.
-	$(GO) run ./cmd/dynamig plan examples/seed.yaml
-	@echo
-	$(GO) run ./cmd/dynamig sim examples/seed.yaml --strategy all
+demo: ## Run the seed on a local cluster: real API server, scheduler and agents on simulated GPUs (SCENARIO=file for another).
+	$(GO) run ./cmd/dynamig-local $(SCENARIO)

@@ -47,7 +47,7 @@ func (o *Options) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&o.DevicePluginNamespace, "device-plugin-namespace", "gpu-operator", "namespace of the NVIDIA device plugin pods")
 	fs.StringVar(&o.DevicePluginSelector, "device-plugin-selector", "app=nvidia-device-plugin-daemonset", "label selector of the NVIDIA device plugin pods")
 	fs.DurationVar(&o.DevicePluginTimeout, "device-plugin-timeout", 2*time.Minute, "how long to wait for the device plugin to re-advertise the slices after a change")
-	fs.DurationVar(&o.ResyncPeriod, "resync-period", 30*time.Second, "how often to observe the GPUs without an event")
+	fs.DurationVar(&o.ResyncPeriod, "resync-period", 10*time.Second, "how often to observe the GPUs without an event")
 	fs.StringVar(&o.ListenAddress, "listen-address", ":8080", "address of /metrics, /healthz and /readyz")
 	fs.StringVar(&o.NVMLLibrary, "nvml-library", "", "path of libnvidia-ml.so.1 (default: the dynamic linker's search path)")
 	fs.StringVar(&o.Simulate, "simulate", "", "run on simulated GPUs of these comma-separated catalog models (e.g. A100-80GB,H100-80GB) instead of NVML")

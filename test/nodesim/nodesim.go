@@ -16,6 +16,7 @@ import (
 	"maps"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -55,7 +56,17 @@ type Options struct {
 	SocketDir string
 	// RestartDelay is how long the device plugin takes to come back.
 	RestartDelay time.Duration
+	// Slices exist on the GPUs before anything starts: GPU index → slices.
+	Slices map[int][]mig.Slice
 }
+
+// DevicesAnnotation on a pod names the device IDs ("MIG-…", comma
+// separated) kubelet must give it, instead of any free ones.
+const DevicesAnnotation = "dynamig.io/devices"
+
+// RunSecondsAnnotation on a pod makes the stand-in kubelet finish it
+// (Succeeded) that many seconds after it started running.
+const RunSecondsAnnotation = "dynamig.io/run-seconds"
 
 // Node is a running simulated node.
 type Node struct {
@@ -95,6 +106,13 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 		cs: cs, plugin: plugin, server: podresources.NewServer(), opts: o,
 		queue:       workqueue.NewTyped[string](),
 		allocations: map[string]map[string][]string{}, advertised: map[string][]string{},
+	}
+	for g, slices := range o.Slices {
+		for _, sl := range slices {
+			if _, err := plugin.Create(g, sl.Profile, sl.Start); err != nil {
+				return nil, fmt.Errorf("node %s: existing slice %s on gpu %d: %w", o.Name, sl, g, err)
+			}
+		}
 	}
 	if err := n.server.Serve(n.Socket); err != nil {
 		return nil, err
@@ -193,6 +211,20 @@ func (n *Node) Holding(pod string) map[string][]string {
 	return out
 }
 
+// DeviceAt returns the MIG UUID of the slice at a placement of a GPU.
+func (n *Node) DeviceAt(gpuIndex int, s mig.Slice) (string, error) {
+	ss, err := n.plugin.Slices(gpuIndex)
+	if err != nil {
+		return "", err
+	}
+	for _, x := range ss {
+		if x.Profile == s.Profile && x.Start == s.Start && x.UUID != "" {
+			return x.UUID, nil
+		}
+	}
+	return "", fmt.Errorf("node %s gpu %d has no slice %s", n.Name, gpuIndex, s)
+}
+
 func (n *Node) pluginName() string { return "nvidia-device-plugin-" + n.Name }
 
 func (n *Node) run(ctx context.Context) {
@@ -243,8 +275,34 @@ func (n *Node) sync(ctx context.Context, key string) error {
 		return nil
 	case pod.Status.Phase == v1.PodPending:
 		return n.admit(ctx, pod)
+	case pod.Status.Phase == v1.PodRunning:
+		return n.finish(ctx, pod)
 	}
 	return nil
+}
+
+// finish marks a running pod Succeeded once it has run for its
+// RunSecondsAnnotation, and asks to be called again until then.
+func (n *Node) finish(ctx context.Context, pod *v1.Pod) error {
+	secs, err := strconv.ParseFloat(pod.Annotations[RunSecondsAnnotation], 64)
+	if err != nil || secs <= 0 || pod.Status.StartTime == nil {
+		return nil
+	}
+	end := pod.Status.StartTime.Add(time.Duration(secs * float64(time.Second)))
+	if wait := time.Until(end); wait > 0 {
+		key := pod.Namespace + "/" + pod.Name
+		time.AfterFunc(wait, func() { n.queue.Add(key) })
+		return nil
+	}
+	n.release(pod.Namespace + "/" + pod.Name)
+	updated := pod.DeepCopy()
+	updated.Status.Phase = v1.PodSucceeded
+	updated.Status.Conditions = []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionFalse, Reason: "PodCompleted", LastTransitionTime: metav1.Now()}}
+	_, err = n.cs.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, updated, metav1.UpdateOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
 }
 
 // admit gives a bound pod specific free devices of each MIG resource it
@@ -261,11 +319,17 @@ func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 			}
 		}
 	}
+	pinned := map[string]bool{}
+	for _, id := range strings.Split(pod.Annotations[DevicesAnnotation], ",") {
+		if id != "" {
+			pinned[id] = true
+		}
+	}
 	got := map[string][]string{}
 	var short string
 	for _, r := range slices.Sorted(maps.Keys(want)) {
 		for _, id := range n.advertised[r] {
-			if len(got[r]) < int(want[r]) && !held[id] {
+			if len(got[r]) < int(want[r]) && !held[id] && (len(pinned) == 0 || pinned[id]) {
 				got[r] = append(got[r], id)
 			}
 		}

@@ -267,4 +267,19 @@ func TestPreFilterAndFilter(t *testing.T) {
 	st = fw.RunFilterPlugins(ctx, state, one, ni)
 	assert.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Contains(t, st.Message(), "1g.10gb on n1 is being repartitioned (plan p-2 not applied yet)")
+
+	// Once applied, the slice is free and the pod fits; with it taken,
+	// DynamicMIG itself rejects the node, so that its hints requeue the pod.
+	applied := inflight.DeepCopy()
+	applied.Status.ObservedPlanID = "p-2"
+	parts.objects["n1"] = applied
+	assert.True(t, fw.RunFilterPlugins(ctx, state, one, ni).IsSuccess())
+	two := pendingPod("two", list("nvidia.com/mig-1g.10gb", "2"))
+	state = framework.NewCycleState()
+	_, st, _ = fw.RunPreFilterPlugins(ctx, state, two)
+	require.True(t, st.IsSuccess())
+	st = fw.RunFilterPlugins(ctx, state, two, ni)
+	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, Name, st.Plugin(), "DynamicMIG is the rejector")
+	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
 }

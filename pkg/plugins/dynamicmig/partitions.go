@@ -26,7 +26,7 @@ type partitions struct {
 	informer cache.SharedIndexInformer
 }
 
-func newPartitions(ctx context.Context, cfg *rest.Config, onApplied func(np *v1alpha1.NodePartition)) (*partitions, error) {
+func newPartitions(ctx context.Context, cfg *rest.Config, onChange func(old, np *v1alpha1.NodePartition)) (*partitions, error) {
 	client, err := dynamic.NewForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("creating the NodePartition client: %w", err)
@@ -43,12 +43,16 @@ func newPartitions(ctx context.Context, cfg *rest.Config, onApplied func(np *v1a
 		return nil, fmt.Errorf("watching NodePartitions: %w", err)
 	}
 	if _, err := p.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj any) {
+			if np, ok := obj.(*v1alpha1.NodePartition); ok {
+				onChange(&v1alpha1.NodePartition{}, np)
+			}
+		},
 		UpdateFunc: func(oldObj, newObj any) {
 			old, ok1 := oldObj.(*v1alpha1.NodePartition)
 			np, ok2 := newObj.(*v1alpha1.NodePartition)
-			if ok1 && ok2 && np.Spec.PlanID != "" &&
-				np.Status.ObservedPlanID == np.Spec.PlanID && old.Status.ObservedPlanID != np.Spec.PlanID {
-				onApplied(np)
+			if ok1 && ok2 {
+				onChange(old, np)
 			}
 		},
 	}); err != nil {

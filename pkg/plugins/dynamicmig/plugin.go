@@ -16,6 +16,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
@@ -71,15 +72,46 @@ func New(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, err
 	if err != nil {
 		return nil, err
 	}
-	parts, err := newPartitions(ctx, h.KubeConfig(), func(np *v1alpha1.NodePartition) {
-		if t := planTime(np); !t.IsZero() {
-			planToApplied.Observe(time.Since(t).Seconds())
+	logger := klog.FromContext(ctx)
+	pods := h.SharedInformerFactory().Core().V1().Pods().Lister()
+	parts, err := newPartitions(ctx, h.KubeConfig(), func(old, np *v1alpha1.NodePartition) {
+		why := capacityChange(old, np)
+		if why == "" {
+			return
 		}
+		if why == planApplied {
+			if t := planTime(np); !t.IsZero() {
+				planToApplied.Observe(time.Since(t).Seconds())
+			}
+		}
+		// The queueing hints see this change through the scheduler's own
+		// informer, which may be ahead of ours: a pod requeued by them
+		// could be planned from our older copy and wait again. Activate
+		// the pending MIG pods once our copy has the change too.
+		activatePending(logger, h, pods)
 	})
 	if err != nil {
 		return nil, err
 	}
 	return newPlugin(ctx, args, h, parts)
+}
+
+// activatePending moves the pending pods that ask for MIG slices to the
+// active queue.
+func activatePending(logger klog.Logger, h fwk.Handle, pods corelisters.PodLister) {
+	all, err := pods.List(labels.Everything())
+	if err != nil {
+		return
+	}
+	pending := map[string]*v1.Pod{}
+	for _, pod := range all {
+		if pod.Spec.NodeName == "" && pod.DeletionTimestamp == nil && asksForMIG(pod) {
+			pending[pod.Namespace+"/"+pod.Name] = pod
+		}
+	}
+	if len(pending) > 0 {
+		h.Activate(logger, pending)
+	}
 }
 
 func newPlugin(ctx context.Context, args *config.DynamicMIGArgs, h fwk.Handle, parts partitionStore) (*DynamicMIG, error) {
@@ -140,9 +172,13 @@ func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v
 // PreFilterExtensions implements fwk.PreFilterPlugin.
 func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil }
 
-// Filter rejects a node whose published plan is not applied yet when the
-// pod would need a slice the plan removes: until the agent reports the
-// plan applied, kubelet may still advertise slices that are about to go.
+// Filter rejects a node without enough free slices of the pod's profiles,
+// so that DynamicMIG is among the pod's rejectors and its queueing hints
+// (slices freed, plan applied) requeue it; NodeResourcesFit's hints alone
+// would wait for allocatable to grow, which no repartition of freed
+// slices causes. On a node whose published plan is not applied yet, only
+// slices that exist and that the plan keeps count: kubelet may still
+// advertise slices that are about to go.
 func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, ni fwk.NodeInfo) *fwk.Status {
 	if _, err := state.Read(simulateKey); err == nil {
 		return nil
@@ -156,18 +192,25 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	if err != nil {
 		return fwk.AsStatus(err)
 	}
-	if !inFlight(np) {
-		return nil
+	var planned map[mig.ProfileName]int
+	if inFlight(np) {
+		planned = plannedCounts(np)
 	}
-	planned := plannedCounts(np)
 	requested := ni.GetRequested().GetScalarResources()
 	allocatable := ni.GetAllocatable().GetScalarResources()
 	for prof, want := range s.demand {
 		r := v1.ResourceName(prof.ResourceName())
-		usable := min(allocatable[r], int64(planned[prof])) - requested[r]
-		if usable < int64(want) {
+		usable := allocatable[r]
+		if planned != nil {
+			usable = min(usable, int64(planned[prof]))
+		}
+		if usable-requested[r] >= int64(want) {
+			continue
+		}
+		if planned != nil {
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", prof, node.Name, np.Spec.PlanID))
 		}
+		return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))
 	}
 	return nil
 }
@@ -200,12 +243,29 @@ func plannedCounts(np *v1alpha1.NodePartition) map[mig.ProfileName]int {
 }
 
 // EventsToRegister: a pod rejected for MIG capacity may fit when a Node's
-// allocatable grows or a NodePartition's plan is applied.
+// allocatable grows, a NodePartition's plan is applied or its agent
+// reports slices freed or GPUs, or a pod holding MIG slices goes (its
+// slices may be repartitioned once the agent reports them free).
 func (p *DynamicMIG) EventsToRegister(context.Context) ([]fwk.ClusterEventWithHint, error) {
 	return []fwk.ClusterEventWithHint{
 		{Event: fwk.ClusterEvent{Resource: fwk.Node, ActionType: fwk.Add | fwk.UpdateNodeAllocatable}, QueueingHintFn: p.isSchedulableAfterNodeChange},
 		{Event: fwk.ClusterEvent{Resource: nodePartitionEvent, ActionType: fwk.Add | fwk.Update}, QueueingHintFn: p.isSchedulableAfterPartitionChange},
+		{Event: fwk.ClusterEvent{Resource: fwk.AssignedPod, ActionType: fwk.Delete}, QueueingHintFn: p.isSchedulableAfterPodDelete},
 	}, nil
+}
+
+// isSchedulableAfterPodDelete queues the pod when a bound pod that held
+// MIG slices is deleted or finishes.
+func (p *DynamicMIG) isSchedulableAfterPodDelete(logger klog.Logger, pod *v1.Pod, oldObj, _ any) (fwk.QueueingHint, error) {
+	gone, ok := oldObj.(*v1.Pod)
+	if !ok {
+		return fwk.Queue, fmt.Errorf("expected a Pod, got %T", oldObj)
+	}
+	if !asksForMIG(gone) {
+		return fwk.QueueSkip, nil
+	}
+	logger.V(5).Info("a pod holding MIG slices went", "pod", klog.KObj(pod), "gone", klog.KObj(gone), "node", gone.Spec.NodeName)
+	return fwk.Queue, nil
 }
 
 // nodePartitionEvent is the NodePartition resource as the scheduler's
@@ -245,17 +305,51 @@ func (p *DynamicMIG) isSchedulableAfterPartitionChange(logger klog.Logger, pod *
 	if err != nil {
 		return fwk.Queue, err
 	}
-	var oldApplied string
+	old := &v1alpha1.NodePartition{}
 	if oldObj != nil {
-		if old, err := fromUnstructured(oldObj); err == nil {
-			oldApplied = old.Status.ObservedPlanID
+		if old, err = fromUnstructured(oldObj); err != nil {
+			old = &v1alpha1.NodePartition{}
 		}
 	}
-	if np.Status.ObservedPlanID != "" && np.Status.ObservedPlanID != oldApplied && !inFlight(np) {
-		logger.V(5).Info("a plan was applied", "pod", klog.KObj(pod), "node", np.Name, "plan", np.Status.ObservedPlanID)
+	if why := capacityChange(old, np); why != "" {
+		logger.V(5).Info("MIG capacity may have appeared", "pod", klog.KObj(pod), "node", np.Name, "why", why, "plan", np.Status.ObservedPlanID)
 		return fwk.Queue, nil
 	}
 	return fwk.QueueSkip, nil
+}
+
+// What a NodePartition change can mean for pending pods.
+const (
+	planApplied    = "a plan was applied"
+	gpusReported   = "the agent reported the node's GPUs"
+	slicesFreed    = "the agent reported slices freed"
+	noCapacityNews = ""
+)
+
+// capacityChange says why a NodePartition change may let a pending MIG
+// pod be served, or "" if it cannot.
+func capacityChange(old, np *v1alpha1.NodePartition) string {
+	switch {
+	case np.Status.ObservedPlanID != "" && np.Status.ObservedPlanID != old.Status.ObservedPlanID && !inFlight(np):
+		return planApplied
+	case len(old.Status.GPUs) == 0 && len(np.Status.GPUs) > 0:
+		return gpusReported
+	case usedSlices(np) < usedSlices(old):
+		return slicesFreed
+	}
+	return noCapacityNews
+}
+
+func usedSlices(np *v1alpha1.NodePartition) int {
+	n := 0
+	for _, g := range np.Status.GPUs {
+		for _, s := range g.Slices {
+			if s.Used {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 // describe prints the slices a plan creates on a node: "1g.10gb×5 on node-a gpu 0".

@@ -186,6 +186,25 @@ func TestQueueingHints(t *testing.T) {
 	got, err = p.isSchedulableAfterPartitionChange(logger, pod, u(partition(nil, "p-1", "p-1")), u(inflight))
 	require.NoError(t, err)
 	assert.Equal(t, fwk.QueueSkip, got, "a new plan published is no capacity yet")
+	busy := partition(nil, "p-1", "p-1", gpuStatus(0, "A100-80GB", used("3g.40gb", 0)))
+	freed := partition(nil, "p-1", "p-1", gpuStatus(0, "A100-80GB", v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "3g.40gb"}}))
+	got, err = p.isSchedulableAfterPartitionChange(logger, pod, u(busy), u(freed))
+	require.NoError(t, err)
+	assert.Equal(t, fwk.Queue, got, "a slice was freed")
+	got, err = p.isSchedulableAfterPartitionChange(logger, pod, u(freed), u(busy))
+	require.NoError(t, err)
+	assert.Equal(t, fwk.QueueSkip, got, "a slice was taken")
+	got, err = p.isSchedulableAfterPartitionChange(logger, pod, u(partition(nil, "", "")), u(freed))
+	require.NoError(t, err)
+	assert.Equal(t, fwk.Queue, got, "the agent reported the node's GPUs")
+
+	gone := &v1.Pod{Spec: v1.PodSpec{NodeName: "n", Containers: []v1.Container{container(list("nvidia.com/mig-3g.40gb", "1"))}}}
+	got, err = p.isSchedulableAfterPodDelete(logger, pod, gone, nil)
+	require.NoError(t, err)
+	assert.Equal(t, fwk.Queue, got, "a pod holding slices went")
+	got, err = p.isSchedulableAfterPodDelete(logger, pod, &v1.Pod{Spec: v1.PodSpec{NodeName: "n", Containers: []v1.Container{container(list("cpu", "1"))}}}, nil)
+	require.NoError(t, err)
+	assert.Equal(t, fwk.QueueSkip, got, "a CPU pod went")
 }
 
 func TestDescribe(t *testing.T) {

@@ -1,0 +1,64 @@
+// Command dynamig-local runs dynamig on this machine — a real API server,
+// the real dynamig scheduler, the real node agents on simulated GPUs — and
+// shows it doing a scenario's job, with a timeline. `make demo` runs it.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/dynamig/dynamig/test/local"
+)
+
+func main() {
+	var o local.DemoOptions
+	fs := flag.NewFlagSet("dynamig-local", flag.ExitOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: dynamig-local [flags] [scenario.yaml]\n\nWithout a scenario: one node with one A100-80GB, MIG on and no slices, and a Deployment of 5 pods\nrequesting nvidia.com/mig-1g.10gb. With one: its nodes, and its pods created at their arrival times.\n\n")
+		fs.PrintDefaults()
+	}
+	fs.BoolVar(&o.KeepRunning, "keep-running", false, "leave the cluster up for kubectl until Ctrl-C")
+	fs.StringVar(&o.Dir, "dir", "", "directory for the kubeconfig, data and logs (default: a temporary one, removed on exit)")
+	fs.DurationVar(&o.DevicePluginDelay, "device-plugin-delay", 500*time.Millisecond, "time the simulated device plugin takes to restart")
+	fs.DurationVar(&o.SliceDelay, "slice-delay", 100*time.Millisecond, "time simulated NVML takes per GPU instance created")
+	fs.Float64Var(&o.TimeScale, "time-scale", 1, "run a scenario this many times faster than its arrival times and durations")
+	fs.DurationVar(&o.Timeout, "timeout", 5*time.Minute, "give up if the pods have not all run by then")
+	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
+	// Flags may come before or after the scenario file.
+	var positional []string
+	for args := os.Args[1:]; ; {
+		_ = fs.Parse(args)
+		if fs.NArg() == 0 {
+			break
+		}
+		positional, args = append(positional, fs.Arg(0)), fs.Args()[1:]
+	}
+	if len(positional) > 1 {
+		fs.Usage()
+		os.Exit(2)
+	}
+	if len(positional) == 1 {
+		o.Scenario = positional[0]
+	}
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	_ = klogFlags.Set("v", fmt.Sprint(*verbosity))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ok, err := local.Demo(ctx, o, os.Stdout)
+	if err != nil {
+		klog.Flush()
+		fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+		os.Exit(1)
+	}
+	if !ok {
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,265 @@
+// Package local runs a whole dynamig cluster on this machine, on
+// 127.0.0.1: etcd, kube-apiserver and kube-controller-manager as processes
+// built from the Go modules, the CRDs, the dynamig scheduler with the
+// shipped configuration, and per simulated node the real node agent on
+// simulated GPUs plus a kubelet and device-plugin stand-in
+// (test/nodesim). `make demo` (cmd/dynamig-local) and the end-to-end tests
+// run on it.
+package local
+
+import (
+	"context"
+
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/klog/v2"
+
+	"github.com/dynamig/dynamig/manifests"
+	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/test/nodesim"
+)
+
+// Options configure a local cluster. The zero value works.
+type Options struct {
+	// Dir holds the kubeconfig, etcd's data, certificates and logs; a new
+	// temporary directory, removed by Stop, if empty.
+	Dir string
+	// Bin holds the control-plane binaries, built there if missing or
+	// older than go.mod; default <module>/bin.
+	Bin string
+	// Progress receives what the cluster is doing while it starts.
+	Progress io.Writer
+	// DevicePluginDelay is how long the device plugin takes to come back
+	// after a restart; SliceDelay how long NVML takes per GPU instance created.
+	DevicePluginDelay, SliceDelay time.Duration
+	// DevicePluginTimeout is the agents' wait for re-advertisement (default 2m).
+	DevicePluginTimeout time.Duration
+}
+
+// Cluster is a running local cluster.
+type Cluster struct {
+	Dir        string
+	Kubeconfig string
+	Config     *rest.Config
+	Kube       kubernetes.Interface
+	Dynamic    dynamic.Interface
+
+	opts    Options
+	tempDir bool
+	cp      *controlPlane
+	ctx     context.Context
+	cancel  context.CancelFunc
+
+	mu     sync.Mutex
+	nodes  map[string]*node
+	sched  *component
+	socket string
+}
+
+type node struct {
+	sim   *nodesim.Node
+	agent *component
+}
+
+// component is an in-process goroutine that runs until its context ends.
+type component struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func run(ctx context.Context, name string, f func(context.Context) error) *component {
+	ctx, cancel := context.WithCancel(ctx)
+	c := &component{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		if err := f(ctx); err != nil && ctx.Err() == nil {
+			klog.FromContext(ctx).Error(err, "component stopped", "component", name)
+		}
+	}()
+	return c
+}
+
+func (c *component) stop() {
+	if c != nil {
+		c.cancel()
+		<-c.done
+	}
+}
+
+// Start starts the control plane, installs the CRDs and starts the
+// scheduler. Stop it with Stop.
+func Start(ctx context.Context, o Options) (*Cluster, error) {
+	if o.Progress == nil {
+		o.Progress = io.Discard
+	}
+	if o.DevicePluginTimeout == 0 {
+		o.DevicePluginTimeout = 2 * time.Minute
+	}
+	if o.Bin == "" {
+		o.Bin = filepath.Join(moduleRoot(), "bin")
+	}
+	c := &Cluster{opts: o, nodes: map[string]*node{}}
+	if o.Dir == "" {
+		dir, err := os.MkdirTemp("", "dynamig-local-")
+		if err != nil {
+			return nil, err
+		}
+		o.Dir, c.tempDir = dir, true
+	} else if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	c.Dir = o.Dir
+	// Unix socket paths are limited to 108 bytes: keep them short.
+	sockets, err := os.MkdirTemp("", "dmsock")
+	if err != nil {
+		return nil, err
+	}
+	c.socket = sockets
+	if err := EnsureBinaries(ctx, o.Bin, o.Progress); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(o.Progress, "starting etcd, kube-apiserver and kube-controller-manager (logs in %s)\n", c.Dir)
+	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	if c.cp, err = startControlPlane(ctx, c.Dir, o.Bin); err != nil {
+		c.Stop()
+		return nil, err
+	}
+	c.Kubeconfig, c.Config = c.cp.kubeconfig, c.cp.config
+	if c.Kube, err = kubernetes.NewForConfig(c.Config); err == nil {
+		c.Dynamic, err = dynamic.NewForConfig(c.Config)
+	}
+	if err == nil {
+		err = InstallCRDs(ctx, c.Config)
+	}
+	if err == nil {
+		err = c.StartScheduler()
+	}
+	if err != nil {
+		c.Stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+// StartScheduler starts dynamig-scheduler with the shipped configuration.
+func (c *Cluster) StartScheduler() error {
+	file := filepath.Join(c.Dir, "scheduler-config.yaml")
+	if err := os.WriteFile(file, manifests.SchedulerConfig, 0o644); err != nil {
+		return err
+	}
+	s, err := NewScheduler(c.ctx, c.Config, file)
+	if err != nil {
+		return fmt.Errorf("building dynamig-scheduler: %w", err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.sched = run(c.ctx, "scheduler", s.Run)
+	return nil
+}
+
+// StopScheduler stops the scheduler, as a crash would.
+func (c *Cluster) StopScheduler() {
+	c.mu.Lock()
+	s := c.sched
+	c.sched = nil
+	c.mu.Unlock()
+	s.stop()
+}
+
+// AddNode starts a simulated node (name, GPU models, labels, existing
+// slices; the cluster sets the socket and device-plugin delay) and its agent.
+func (c *Cluster) AddNode(o nodesim.Options) (*nodesim.Node, error) {
+	name := o.Name
+	o.SocketDir, o.RestartDelay = c.socket, c.opts.DevicePluginDelay
+	sim, err := nodesim.Start(c.ctx, c.Kube, o)
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", name, err)
+	}
+	sim.Sim.SetLatency(gpu.MethodCreateGPUInstance, c.opts.SliceDelay)
+	c.mu.Lock()
+	c.nodes[name] = &node{sim: sim}
+	c.mu.Unlock()
+	return sim, c.StartAgent(name)
+}
+
+// Node returns a simulated node.
+func (c *Cluster) Node(name string) *nodesim.Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n, ok := c.nodes[name]; ok {
+		return n.sim
+	}
+	return nil
+}
+
+// StartAgent starts the node agent of a node.
+func (c *Cluster) StartAgent(name string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, ok := c.nodes[name]
+	if !ok {
+		return fmt.Errorf("no node %s", name)
+	}
+	if n.agent != nil {
+		return fmt.Errorf("the agent of node %s is running", name)
+	}
+	cfg := AgentConfig(name, c.opts.DevicePluginTimeout)
+	n.agent = run(c.ctx, "agent "+name, func(ctx context.Context) error {
+		return RunAgent(ctx, c.Config, n.sim, n.sim.Socket, cfg)
+	})
+	return nil
+}
+
+// StopAgent stops the node agent of a node, as a crash would: mid-step
+// if it is in the middle of one.
+func (c *Cluster) StopAgent(name string) {
+	c.mu.Lock()
+	n, ok := c.nodes[name]
+	var a *component
+	if ok {
+		a, n.agent = n.agent, nil
+	}
+	c.mu.Unlock()
+	a.stop()
+}
+
+// RestartAPIServer stops kube-apiserver and starts it again on the same
+// port and etcd, waiting until it is ready.
+func (c *Cluster) RestartAPIServer(ctx context.Context) error {
+	c.cp.apiserver.stop()
+	return c.cp.startAPIServer(ctx)
+}
+
+// Stop stops every component and process, and removes a temporary Dir.
+func (c *Cluster) Stop() {
+	c.mu.Lock()
+	var comps []*component
+	for _, n := range c.nodes {
+		comps = append(comps, n.agent)
+		n.agent = nil
+	}
+	comps = append(comps, c.sched)
+	c.sched = nil
+	c.mu.Unlock()
+	for _, comp := range comps {
+		comp.stop()
+	}
+	if c.cancel != nil {
+		c.cancel()
+	}
+	if c.cp != nil {
+		c.cp.stop()
+	}
+	_ = os.RemoveAll(c.socket)
+	if c.tempDir {
+		_ = os.RemoveAll(c.Dir)
+	}
+}

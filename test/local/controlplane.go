@@ -1,0 +1,288 @@
+package local
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+)
+
+// Binaries are the control-plane programs, built from the Go modules by
+// the tool lines of go.mod.
+var Binaries = map[string]string{
+	"kube-apiserver":          "k8s.io/kubernetes/cmd/kube-apiserver",
+	"kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+	"server":                  "go.etcd.io/etcd/server/v3", // etcd; go build names it after the module's last element
+}
+
+// EnsureBinaries builds the control plane into dir unless every binary is
+// there and newer than go.mod and go.sum. It must run inside the module.
+func EnsureBinaries(ctx context.Context, dir string, progress io.Writer) error {
+	newest := time.Time{}
+	for _, f := range []string{"go.mod", "go.sum"} {
+		st, err := os.Stat(filepath.Join(moduleRoot(), f))
+		if err != nil {
+			return fmt.Errorf("the local cluster builds its control plane from this module: %w", err)
+		}
+		if st.ModTime().After(newest) {
+			newest = st.ModTime()
+		}
+	}
+	fresh := true
+	for name := range Binaries {
+		st, err := os.Stat(filepath.Join(dir, name))
+		fresh = fresh && err == nil && st.ModTime().After(newest)
+	}
+	if fresh {
+		return nil
+	}
+	fmt.Fprintf(progress, "building kube-apiserver, kube-controller-manager and etcd from the Go modules into %s (the first time takes several minutes)...\n", dir)
+	start := time.Now()
+	args := []string{"build", "-o", dir + string(os.PathSeparator)}
+	for _, pkg := range Binaries {
+		args = append(args, pkg)
+	}
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = moduleRoot()
+	cmd.Stdout, cmd.Stderr = progress, progress
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("building the control plane (go %v): %w", args, err)
+	}
+	fmt.Fprintf(progress, "built in %s\n", time.Since(start).Round(time.Second))
+	return nil
+}
+
+// moduleRoot is the module's directory: where `go env GOMOD` points.
+func moduleRoot() string {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil || len(out) < 2 {
+		return "."
+	}
+	return filepath.Dir(string(out[:len(out)-1]))
+}
+
+// proc is a control-plane process.
+type proc struct {
+	name string
+	bin  string
+	args []string
+	log  string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func (p *proc) start() error {
+	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	p.cmd = exec.Command(p.bin, p.args...)
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	p.cmd.SysProcAttr = childAttr()
+	if err := p.cmd.Start(); err != nil {
+		_ = logf.Close()
+		return fmt.Errorf("starting %s: %w", p.name, err)
+	}
+	p.done = make(chan struct{})
+	go func() {
+		_ = p.cmd.Wait()
+		_ = logf.Close()
+		close(p.done)
+	}()
+	return nil
+}
+
+// stop sends SIGTERM and, after 10 s, SIGKILL.
+func (p *proc) stop() {
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// freePort asks the kernel for a free loopback port.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = l.Close() }()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// controlPlane is etcd, kube-apiserver and kube-controller-manager.
+type controlPlane struct {
+	etcd, apiserver, kcm *proc
+	config               *rest.Config
+	kubeconfig           string
+}
+
+const adminToken = "dynamig-local-admin"
+
+func startControlPlane(ctx context.Context, dir, bin string) (*controlPlane, error) {
+	ports := make([]int, 4)
+	for i := range ports {
+		p, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		ports[i] = p
+	}
+	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", ports[0])
+	peerURL := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	cp := &controlPlane{}
+	cp.etcd = &proc{name: "etcd", bin: filepath.Join(bin, "server"), log: filepath.Join(dir, "etcd.log"), args: []string{
+		"--name=default", "--data-dir=" + filepath.Join(dir, "etcd"),
+		"--listen-client-urls=" + etcdURL, "--advertise-client-urls=" + etcdURL,
+		"--listen-peer-urls=" + peerURL, "--initial-advertise-peer-urls=" + peerURL,
+		"--initial-cluster=default=" + peerURL, "--log-level=warn",
+	}}
+	if err := cp.etcd.start(); err != nil {
+		return nil, err
+	}
+	if err := waitHTTP(ctx, cp.etcd, etcdURL+"/health"); err != nil {
+		cp.stop()
+		return nil, err
+	}
+
+	saKey := filepath.Join(dir, "sa.key")
+	tokens := filepath.Join(dir, "tokens.csv")
+	if err := writeKey(saKey); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(tokens, []byte(adminToken+",admin,admin,system:masters\n"), 0o600); err != nil {
+		return nil, err
+	}
+	cp.apiserver = &proc{name: "kube-apiserver", bin: filepath.Join(bin, "kube-apiserver"), log: filepath.Join(dir, "kube-apiserver.log"), args: []string{
+		"--etcd-servers=" + etcdURL, "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+		fmt.Sprintf("--secure-port=%d", ports[2]), "--cert-dir=" + filepath.Join(dir, "certs"),
+		"--service-account-issuer=https://kubernetes.default.svc", "--service-account-key-file=" + saKey,
+		"--service-account-signing-key-file=" + saKey, "--token-auth-file=" + tokens,
+		"--authorization-mode=RBAC", "--allow-privileged=true",
+		"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+		"--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none",
+	}}
+	cp.config = &rest.Config{
+		Host: fmt.Sprintf("https://127.0.0.1:%d", ports[2]), BearerToken: adminToken,
+		TLSClientConfig: rest.TLSClientConfig{Insecure: true}, QPS: 500, Burst: 1000,
+	}
+	if err := cp.startAPIServer(ctx); err != nil {
+		cp.stop()
+		return nil, err
+	}
+	cp.kubeconfig = filepath.Join(dir, "kubeconfig")
+	if err := writeKubeconfig(cp.kubeconfig, cp.config); err != nil {
+		cp.stop()
+		return nil, err
+	}
+	cp.kcm = &proc{name: "kube-controller-manager", bin: filepath.Join(bin, "kube-controller-manager"), log: filepath.Join(dir, "kube-controller-manager.log"), args: []string{
+		"--kubeconfig=" + cp.kubeconfig, "--authentication-kubeconfig=" + cp.kubeconfig, "--authorization-kubeconfig=" + cp.kubeconfig,
+		"--controllers=deployment-controller,replicaset-controller,garbage-collector-controller",
+		"--leader-elect=false", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", ports[3]),
+	}}
+	if err := cp.kcm.start(); err != nil {
+		cp.stop()
+		return nil, err
+	}
+	return cp, nil
+}
+
+// startAPIServer starts (or restarts) kube-apiserver and waits until it is ready.
+func (cp *controlPlane) startAPIServer(ctx context.Context) error {
+	if err := cp.apiserver.start(); err != nil {
+		return err
+	}
+	cs, err := kubernetes.NewForConfig(cp.config)
+	if err != nil {
+		return err
+	}
+	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		if cp.apiserver.exited() {
+			return false, fmt.Errorf("kube-apiserver exited; see %s", cp.apiserver.log)
+		}
+		body, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		return err == nil && string(body) == "ok", nil
+	})
+	if err != nil {
+		return fmt.Errorf("kube-apiserver did not become ready: %w", err)
+	}
+	return nil
+}
+
+func (cp *controlPlane) stop() {
+	for _, p := range []*proc{cp.kcm, cp.apiserver, cp.etcd} {
+		if p != nil {
+			p.stop()
+		}
+	}
+}
+
+func waitHTTP(ctx context.Context, p *proc, url string) error {
+	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		if p.exited() {
+			return false, fmt.Errorf("%s exited; see %s", p.name, p.log)
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return false, err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false, nil
+		}
+		_ = resp.Body.Close()
+		return resp.StatusCode == http.StatusOK, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%s did not become healthy: %w", p.name, err)
+	}
+	return nil
+}
+
+func writeKey(path string) error {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}), 0o600)
+}
+
+func writeKubeconfig(path string, cfg *rest.Config) error {
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["dynamig-local"] = &clientcmdapi.Cluster{Server: cfg.Host, InsecureSkipTLSVerify: true}
+	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: cfg.BearerToken}
+	kc.Contexts["dynamig-local"] = &clientcmdapi.Context{Cluster: "dynamig-local", AuthInfo: "admin"}
+	kc.CurrentContext = "dynamig-local"
+	return clientcmd.WriteToFile(*kc, path)
+}
