@@ -88,6 +88,21 @@ type Node struct {
 	paused      bool
 	allocations map[string]map[string][]string // pod key → resource → device IDs
 	advertised  map[string][]string            // resource → device IDs
+	holds       []Hold
+}
+
+// Hold is a device a pod held from admission until release; To is zero
+// while it still holds it.
+type Hold struct {
+	Device, Pod string
+	From, To    time.Time
+}
+
+// Holds returns every device hold so far, oldest first.
+func (n *Node) Holds() []Hold {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]Hold(nil), n.holds...)
 }
 
 // Start creates the Node, serves PodResources, starts the device plugin
@@ -339,6 +354,11 @@ func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 	}
 	if short == "" && len(want) > 0 {
 		n.allocations[key] = got
+		for _, ids := range got {
+			for _, id := range ids {
+				n.holds = append(n.holds, Hold{Device: id, Pod: key, From: time.Now()})
+			}
+		}
 	}
 	n.mu.Unlock()
 
@@ -383,6 +403,11 @@ func (n *Node) release(key string) {
 	n.mu.Lock()
 	a, ok := n.allocations[key]
 	delete(n.allocations, key)
+	for i := range n.holds {
+		if n.holds[i].Pod == key && n.holds[i].To.IsZero() {
+			n.holds[i].To = time.Now()
+		}
+	}
 	n.mu.Unlock()
 	if !ok {
 		return

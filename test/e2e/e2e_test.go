@@ -1,0 +1,313 @@
+// Package e2e runs dynamig end to end on the local cluster (test/local):
+// etcd, kube-apiserver and kube-controller-manager processes built from the
+// Go modules, the dynamig scheduler, and real node agents on simulated
+// GPUs with a kubelet and device-plugin stand-in per node. Each test
+// asserts what a user would see: pods Running, NodePartitions, events.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/util/retry"
+
+	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/local"
+	"github.com/dynamig/dynamig/test/nodesim"
+)
+
+// cluster is shared by the tests of the package; each test uses its own
+// nodes (selected by the label "e2e") and namespace.
+var cluster *local.Cluster
+
+func TestMain(m *testing.M) {
+	ctx := context.Background()
+	var err error
+	cluster, err = local.Start(ctx, local.Options{Progress: os.Stderr, DevicePluginDelay: 200 * time.Millisecond, SliceDelay: 20 * time.Millisecond, DevicePluginTimeout: 20 * time.Second})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "starting the local cluster:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	cluster.Stop()
+	os.Exit(code)
+}
+
+// env is one test's slice of the cluster.
+type env struct {
+	t     *testing.T
+	ns    string
+	group string
+	nodes []*nodesim.Node
+}
+
+func newEnv(t *testing.T, name string) *env {
+	ctx := context.Background()
+	_, err := cluster.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = cluster.Kube.CoreV1().Pods(name).DeleteCollection(context.Background(), metav1.DeleteOptions{}, metav1.ListOptions{})
+	})
+	return &env{t: t, ns: name, group: name}
+}
+
+// node adds a simulated node of the test's group and waits until its
+// agent reports it.
+func (e *env) node(name string, models ...string) *nodesim.Node {
+	n, err := cluster.AddNode(nodesim.Options{Name: name, Models: models, Labels: map[string]string{"e2e": e.group}})
+	require.NoError(e.t, err)
+	e.nodes = append(e.nodes, n)
+	e.waitFor(30*time.Second, "node "+name+" reported", func() bool {
+		np, err := cluster.Partition(context.Background(), name)
+		return err == nil && len(np.Status.GPUs) == len(models)
+	})
+	return n
+}
+
+// pod creates a pod of the test asking for profiles, for its nodes;
+// runFor > 0 makes it finish after running that long.
+func (e *env) pod(name string, runFor time.Duration, requests map[string]int64) *v1.Pod {
+	p := local.Pod(name, requests)
+	p.Namespace = e.ns
+	p.Spec.NodeSelector = map[string]string{"e2e": e.group}
+	if runFor > 0 {
+		p.Annotations = map[string]string{nodesim.RunSecondsAnnotation: fmt.Sprint(runFor.Seconds())}
+	}
+	created, err := cluster.Kube.CoreV1().Pods(e.ns).Create(context.Background(), p, metav1.CreateOptions{})
+	require.NoError(e.t, err)
+	return created
+}
+
+func (e *env) waitFor(timeout time.Duration, what string, cond func() bool) {
+	e.t.Helper()
+	err := wait.PollUntilContextTimeout(context.Background(), 100*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		return cond(), nil
+	})
+	require.NoError(e.t, err, "waiting for %s", what)
+}
+
+func (e *env) phase(name string) v1.PodPhase {
+	p, err := cluster.Kube.CoreV1().Pods(e.ns).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		return ""
+	}
+	return p.Status.Phase
+}
+
+func (e *env) waitPhase(timeout time.Duration, phase v1.PodPhase, names ...string) {
+	e.t.Helper()
+	e.waitFor(timeout, fmt.Sprintf("pods %v %s", names, phase), func() bool {
+		for _, n := range names {
+			if e.phase(n) != phase {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// noUsedSliceDestroyed checks the simulators' logs of destroyed MIG
+// devices against the stand-in kubelets' record of which pod held which
+// device when: no device was destroyed while a pod held it.
+func (e *env) noUsedSliceDestroyed() {
+	e.t.Helper()
+	destroyed := 0
+	for _, n := range e.nodes {
+		holds := n.Holds()
+		for _, op := range n.Sim.Ops() {
+			if op.Kind != "destroy-ci" {
+				continue
+			}
+			destroyed++
+			for _, h := range holds {
+				if h.Device == op.UUID && !op.Time.Before(h.From) && (h.To.IsZero() || op.Time.Before(h.To)) {
+					e.t.Errorf("node %s: %s (%s) destroyed at %s while pod %s held it", n.Name, op.Slice, op.UUID, op.Time.Format(time.StampMilli), h.Pod)
+				}
+			}
+		}
+	}
+	e.t.Logf("%d MIG devices destroyed, none while held", destroyed)
+}
+
+func TestSeed(t *testing.T) {
+	e := newEnv(t, "seed")
+	n := e.node("seed-1", "A100-80GB")
+	start := time.Now()
+	var names []string
+	for i := range 5 {
+		names = append(names, fmt.Sprintf("seed-%d", i))
+		e.pod(names[i], 0, map[string]int64{"nvidia.com/mig-1g.10gb": 1})
+	}
+	e.waitPhase(60*time.Second, v1.PodRunning, names...)
+	t.Logf("5 × 1g.10gb on an empty A100-80GB: all Running %v after creation", time.Since(start).Round(time.Millisecond))
+	devices := map[string]bool{}
+	for _, name := range names {
+		for _, id := range n.Holding(e.ns + "/" + name)["nvidia.com/mig-1g.10gb"] {
+			devices[id] = true
+		}
+	}
+	assert.Len(t, devices, 5, "five distinct slices")
+	e.waitFor(20*time.Second, "NodePartition applied and reporting 5 used slices", func() bool {
+		np, err := cluster.Partition(context.Background(), "seed-1")
+		if err != nil || np.Status.ObservedPlanID != np.Spec.PlanID {
+			return false
+		}
+		used := 0
+		for _, s := range np.Status.GPUs[0].Slices {
+			if s.Used {
+				used++
+			}
+		}
+		return used == 5
+	})
+	m, _ := mig.ModelByName("A100-80GB")
+	require.NoError(t, m.Validate(n.Sim.Layout(0)))
+	e.noUsedSliceDestroyed()
+}
+
+// A day in the life: pods of mixed profiles arrive and finish over time on
+// three nodes of three GPU models; every pod runs, and no slice a pod
+// holds is ever destroyed.
+func TestDayInTheLife(t *testing.T) {
+	e := newEnv(t, "day")
+	e.node("day-a100", "A100-80GB")
+	e.node("day-h100", "H100-80GB")
+	e.node("day-a30", "A30")
+	profiles := []string{"1g.10gb", "1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb", "1g.6gb", "2g.12gb", "4g.24gb"}
+	r := rand.New(rand.NewPCG(7, 11))
+	var names []string
+	for i := range 24 {
+		prof := mig.MustParseProfile(profiles[r.IntN(len(profiles))])
+		name := fmt.Sprintf("day-%02d-%s", i, strings.ReplaceAll(prof.String(), ".", "-"))
+		names = append(names, name)
+		e.pod(name, time.Duration(1+r.IntN(4))*time.Second, map[string]int64{prof.ResourceName(): 1})
+		time.Sleep(time.Duration(r.IntN(400)) * time.Millisecond)
+	}
+	e.waitPhase(3*time.Minute, v1.PodSucceeded, names...)
+	e.noUsedSliceDestroyed()
+}
+
+// In-use protection under churn: a long-running pod holds a 3g.40gb while
+// waves of small pods come and go on the rest of the same GPU.
+func TestInUseProtectionUnderChurn(t *testing.T) {
+	e := newEnv(t, "churn")
+	n := e.node("churn-1", "A100-80GB")
+	e.pod("long", 0, map[string]int64{"nvidia.com/mig-3g.40gb": 1})
+	e.waitPhase(30*time.Second, v1.PodRunning, "long")
+	held := n.Holding(e.ns + "/long")["nvidia.com/mig-3g.40gb"]
+	require.Len(t, held, 1)
+	waves := [][]string{{"1g.10gb", "1g.10gb", "1g.10gb"}, {"2g.20gb", "1g.10gb"}, {"4g.40gb"}, {"1g.20gb", "2g.20gb"}}
+	for w, wave := range waves {
+		var names []string
+		for i, p := range wave {
+			name := fmt.Sprintf("w%d-%d", w, i)
+			names = append(names, name)
+			e.pod(name, time.Second, map[string]int64{mig.MustParseProfile(p).ResourceName(): 1})
+		}
+		e.waitPhase(60*time.Second, v1.PodSucceeded, names...)
+	}
+	assert.Equal(t, v1.PodRunning, e.phase("long"))
+	assert.Equal(t, held, n.Holding(e.ns + "/long")["nvidia.com/mig-3g.40gb"], "the long pod keeps its slice")
+	e.noUsedSliceDestroyed()
+}
+
+// Faults: an NVML create failing once, the agent killed mid-plan, the API
+// server restarted, the scheduler restarted — everything converges and
+// nothing in use is destroyed.
+func TestFaults(t *testing.T) {
+	e := newEnv(t, "faults")
+	n := e.node("faults-1", "H100-80GB", "H100-80GB")
+	e.pod("anchor", 0, map[string]int64{"nvidia.com/mig-2g.20gb": 1})
+	e.waitPhase(30*time.Second, v1.PodRunning, "anchor")
+
+	n.Sim.FailCall(gpu.MethodCreateGPUInstance, 1, nvml.ERROR_UNKNOWN)
+	e.pod("after-nvml-fault", 0, map[string]int64{"nvidia.com/mig-3g.40gb": 1})
+	e.waitPhase(60*time.Second, v1.PodRunning, "after-nvml-fault")
+
+	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, 400*time.Millisecond)
+	e.pod("agent-killed", 0, map[string]int64{"nvidia.com/mig-1g.10gb": 2})
+	e.waitFor(20*time.Second, "a plan under way", func() bool {
+		np, err := cluster.Partition(context.Background(), "faults-1")
+		return err == nil && np.Spec.PlanID != np.Status.ObservedPlanID
+	})
+	cluster.StopAgent("faults-1")
+	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, 0)
+	require.NoError(t, cluster.StartAgent("faults-1"))
+	e.waitPhase(60*time.Second, v1.PodRunning, "agent-killed")
+
+	require.NoError(t, cluster.RestartAPIServer(context.Background()))
+	e.pod("after-apiserver-restart", 0, map[string]int64{"nvidia.com/mig-1g.20gb": 1})
+	e.waitPhase(90*time.Second, v1.PodRunning, "after-apiserver-restart")
+
+	cluster.StopScheduler()
+	e.pod("after-scheduler-restart", 0, map[string]int64{"nvidia.com/mig-1g.10gb": 1})
+	require.NoError(t, cluster.StartScheduler())
+	e.waitPhase(60*time.Second, v1.PodRunning, "after-scheduler-restart")
+	for _, p := range []string{"anchor", "after-nvml-fault", "agent-killed", "after-apiserver-restart"} {
+		assert.Equal(t, v1.PodRunning, e.phase(p), p)
+	}
+	e.noUsedSliceDestroyed()
+}
+
+// Bad input: a pod asking for a profile that does not exist and a
+// hand-edited invalid NodePartition are reported clearly; other pods run.
+func TestBadInput(t *testing.T) {
+	e := newEnv(t, "bad")
+	n := e.node("bad-1", "A100-80GB")
+	e.pod("no-such-profile", 0, map[string]int64{"nvidia.com/mig-9g.99gb": 1})
+	e.waitFor(30*time.Second, "MIGInvalidRequest event", func() bool {
+		list, err := cluster.Kube.EventsV1().Events(e.ns).List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			return false
+		}
+		for _, ev := range list.Items {
+			if ev.Regarding.Name == "no-such-profile" && ev.Reason == "MIGInvalidRequest" {
+				return strings.Contains(ev.Note, "9g.99gb")
+			}
+		}
+		return false
+	})
+	assert.Equal(t, v1.PodPending, e.phase("no-such-profile"))
+
+	// A plan nobody could have made: 3g.40gb at 2 is not a placement.
+	require.NoError(t, retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		u, err := cluster.Dynamic.Resource(v1alpha1.Resource).Get(context.Background(), "bad-1", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		spec := map[string]any{"planID": "hand-edited", "gpus": []any{map[string]any{"index": int64(0), "slices": []any{map[string]any{"profile": "3g.40gb", "start": int64(2)}}}}}
+		if err := unstructured.SetNestedField(u.Object, spec, "spec"); err != nil {
+			return err
+		}
+		_, err = cluster.Dynamic.Resource(v1alpha1.Resource).Update(context.Background(), u, metav1.UpdateOptions{})
+		return err
+	}))
+	e.waitFor(30*time.Second, "InvalidSpec condition", func() bool {
+		np, err := cluster.Partition(context.Background(), "bad-1")
+		if err != nil {
+			return false
+		}
+		c := meta.FindStatusCondition(np.Status.Conditions, v1alpha1.ConditionFailed)
+		return c != nil && c.Reason == "InvalidSpec" && np.Status.ObservedPlanID == "hand-edited"
+	})
+	assert.Empty(t, n.Sim.Layout(0), "nothing created from an invalid plan")
+
+	e.pod("good", 0, map[string]int64{"nvidia.com/mig-2g.20gb": 1})
+	e.waitPhase(60*time.Second, v1.PodRunning, "good")
+	assert.Equal(t, v1.PodPending, e.phase("no-such-profile"))
+}
