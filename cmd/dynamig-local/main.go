@@ -7,6 +7,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -30,6 +31,13 @@ func main() {
 	fs.DurationVar(&o.SliceDelay, "slice-delay", 100*time.Millisecond, "time simulated NVML takes per GPU instance created")
 	fs.Float64Var(&o.TimeScale, "time-scale", 1, "run a scenario this many times faster than its arrival times and durations")
 	fs.DurationVar(&o.Timeout, "timeout", 5*time.Minute, "give up if the pods have not all run by then")
+	bench := fs.Bool("bench", false, "instead of a scenario, run the latency benchmark and print its table")
+	var b local.BenchOptions
+	fs.IntVar(&b.Nodes, "bench-nodes", 20, "benchmark: nodes")
+	fs.IntVar(&b.GPUsPerNode, "bench-gpus", 8, "benchmark: A100-80GB GPUs per node")
+	fs.IntVar(&b.Pods, "bench-pods", 100, "benchmark: MIG pods in the burst")
+	fs.IntVar(&b.CPUPods, "bench-cpu-pods", 500, "benchmark: non-GPU pods for the throughput comparison (0: skip)")
+	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
 	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
 	// Flags may come before or after the scenario file.
 	var positional []string
@@ -50,8 +58,18 @@ func main() {
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	_ = klogFlags.Set("v", fmt.Sprint(*verbosity))
+	_ = klogFlags.Set("stderrthreshold", "FATAL") // errors go to the log file too, not over the output
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if *bench {
+		klog.LogToStderr(false)
+		klog.SetOutput(io.Discard)
+		if err := local.Bench(ctx, b, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ok, err := local.Demo(ctx, o, os.Stdout)
 	if err != nil {
 		klog.Flush()

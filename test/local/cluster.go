@@ -151,8 +151,14 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 
 // StartScheduler starts dynamig-scheduler with the shipped configuration.
 func (c *Cluster) StartScheduler() error {
+	return c.StartSchedulerWithConfig(manifests.SchedulerConfig)
+}
+
+// StartSchedulerWithConfig starts dynamig-scheduler with a
+// KubeSchedulerConfiguration.
+func (c *Cluster) StartSchedulerWithConfig(config []byte) error {
 	file := filepath.Join(c.Dir, "scheduler-config.yaml")
-	if err := os.WriteFile(file, manifests.SchedulerConfig, 0o644); err != nil {
+	if err := os.WriteFile(file, config, 0o644); err != nil {
 		return err
 	}
 	s, err := NewScheduler(c.ctx, c.Config, file)
