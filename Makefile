@@ -7,7 +7,7 @@ CONTROLLER_GEN := $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.2
 # go-nvml's cgo build prints ~30 deprecation warnings from nvml.h: noise.
 CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 export CGO_CFLAGS
-GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds
+GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds manifests/helm/dynamig/crds
 
 .DEFAULT_GOAL := help
 
@@ -36,8 +36,9 @@ verify: ## Check formatting, go vet, and that generated files are up to date.
 		echo "generated files are stale; run make generate and commit:"; git status --short -- $(GENERATED); exit 1; fi
 
 .PHONY: generate
-generate: ## Regenerate deepcopy code and the CRDs in manifests/crds (controller-gen, pinned).
+generate: ## Regenerate deepcopy code and the CRDs in manifests/crds and the Helm chart (controller-gen, pinned).
 	$(CONTROLLER_GEN) object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./manifests/crds
+	cp manifests/crds/*.yaml manifests/helm/dynamig/crds/
 
 .PHONY: bench
 bench: ## Planner latency benchmarks and the quality table (docs/benchmarks.md).

@@ -241,6 +241,7 @@ func destroyedUUIDs(n *nodesim.Node) map[string]bool {
 func TestNodeAgent(t *testing.T) {
 	c := startCluster(t)
 	t.Run("agent manifests and least privilege", c.testAgentManifests)
+	t.Run("helm chart", c.testHelmChart)
 
 	t.Run("reports a freshly labelled node", func(t *testing.T) {
 		n := c.simNode(t, "report", 0, "A100-80GB", "H100-80GB")

@@ -1,0 +1,120 @@
+package integration
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"helm.sh/helm/v3/pkg/chart/loader"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/engine"
+	"helm.sh/helm/v3/pkg/lint"
+	"helm.sh/helm/v3/pkg/lint/support"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/klog/v2"
+	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+)
+
+const chartDir = "../../manifests/helm/dynamig"
+
+// testHelmChart lints the chart and renders it with the default and with
+// customised values; every rendered object is applied with server-side
+// dry-run, the rendered scheduler configuration loads as the scheduler
+// would load it, and the values reach the objects.
+func (c *cluster) testHelmChart(t *testing.T) {
+	crd, err := os.ReadFile("../../manifests/crds/dynamig.io_nodepartitions.yaml")
+	require.NoError(t, err)
+	chartCRD, err := os.ReadFile(filepath.Join(chartDir, "crds/dynamig.io_nodepartitions.yaml"))
+	require.NoError(t, err)
+	assert.Equal(t, string(crd), string(chartCRD), "the chart's CRD is manifests/crds' (make generate copies it)")
+
+	custom := map[string]any{
+		"scheduler":    map[string]any{"name": "gpu-scheduler", "replicas": 1, "plugin": map[string]any{"maxNodesPerPlan": 40}},
+		"nodeSelector": map[string]any{"pool": "a100"}, // merged with the default label, as Helm merges maps
+		"devicePlugin": map[string]any{"namespace": "nvidia-system", "selector": "app=nvidia-device-plugin"},
+		"agent":        map[string]any{"image": map[string]any{"tag": "dev"}, "admissionPolicy": false},
+	}
+	for name, values := range map[string]map[string]any{"default": nil, "custom": custom} {
+		t.Run(name, func(t *testing.T) {
+			linter := lint.AllWithKubeVersion(chartDir, values, "dynamig-system", nil)
+			for _, m := range linter.Messages {
+				assert.Less(t, m.Severity, support.ErrorSev, "helm lint: %s", m.Error())
+			}
+			objs := c.renderChart(t, values)
+			c.ensureNamespace(t, "dynamig-system")
+			c.ensureNamespace(t, "gpu-operator")
+			c.ensureNamespace(t, "nvidia-system")
+			c.dryRun(t, objs)
+
+			kinds := map[string]*unstructured.Unstructured{}
+			for _, o := range objs {
+				kinds[o.GetKind()+"/"+o.GetNamespace()+"/"+o.GetName()] = o
+			}
+			if name == "default" {
+				assert.Contains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
+				assert.Contains(t, kinds, "Role/gpu-operator/dynamig-agent-device-plugin")
+				return
+			}
+			cm := kinds["ConfigMap/dynamig-system/gpu-scheduler-config"]
+			require.NotNil(t, cm, "rendered: %v", keys(kinds))
+			config, _, _ := unstructured.NestedString(cm.Object, "data", "config.yaml")
+			file := filepath.Join(t.TempDir(), "config.yaml")
+			require.NoError(t, os.WriteFile(file, []byte(config), 0o644))
+			cfg, err := options.LoadConfigFromFile(klog.Background(), file)
+			require.NoError(t, err, "the rendered KubeSchedulerConfiguration")
+			assert.Equal(t, "gpu-scheduler", cfg.Profiles[0].SchedulerName)
+			assert.Contains(t, config, `nodeSelector: "dynamig.io/partitioning=mig,pool=a100"`)
+			assert.Contains(t, config, "maxNodesPerPlan: 40")
+			ds := kinds["DaemonSet/dynamig-system/dynamig-agent"]
+			require.NotNil(t, ds)
+			sel, _, _ := unstructured.NestedStringMap(ds.Object, "spec", "template", "spec", "nodeSelector")
+			assert.Equal(t, map[string]string{"dynamig.io/partitioning": "mig", "pool": "a100"}, sel)
+			containers, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+			agent := containers[0].(map[string]any)
+			assert.Equal(t, "dynamig/dynamig-agent:dev", agent["image"])
+			assert.Contains(t, agent["command"], "--device-plugin-namespace=nvidia-system")
+			assert.Contains(t, kinds, "Role/nvidia-system/dynamig-agent-device-plugin")
+			assert.NotContains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
+		})
+	}
+}
+
+// renderChart renders the chart as `helm template dynamig -n dynamig-system` would.
+func (c *cluster) renderChart(t *testing.T, values map[string]any) []*unstructured.Unstructured {
+	chart, err := loader.Load(chartDir)
+	require.NoError(t, err)
+	vals, err := chartutil.ToRenderValues(chart, values, chartutil.ReleaseOptions{Name: "dynamig", Namespace: "dynamig-system", IsInstall: true}, chartutil.DefaultCapabilities)
+	require.NoError(t, err)
+	out, err := engine.Render(chart, vals)
+	require.NoError(t, err)
+	var names []string
+	for n := range out {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var objs []*unstructured.Unstructured
+	for _, n := range names {
+		if !strings.HasSuffix(n, ".yaml") || strings.TrimSpace(out[n]) == "" {
+			continue
+		}
+		f := filepath.Join(t.TempDir(), filepath.Base(n))
+		require.NoError(t, os.WriteFile(f, bytes.TrimSpace([]byte(out[n])), 0o644))
+		objs = append(objs, readObjects(t, f)...)
+	}
+	require.NotEmpty(t, objs)
+	return objs
+}
+
+func keys[V any](m map[string]V) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
