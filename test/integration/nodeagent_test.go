@@ -22,9 +22,9 @@ import (
 
 	"github.com/dynamig/dynamig/node-agent/agent"
 	"github.com/dynamig/dynamig/node-agent/gpu"
-	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/local"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
 
@@ -64,21 +64,13 @@ func (c *cluster) startRealAgent(t *testing.T, n *nodesim.Node, devicePluginTime
 
 // startAgentWithSocket is startRealAgent with another PodResources socket.
 func (c *cluster) startAgentWithSocket(t *testing.T, n *nodesim.Node, socket string, devicePluginTimeout time.Duration) *runningAgent {
-	lib, err := gpu.Open(n.Sim.Interface())
-	require.NoError(t, err)
-	kubelet, err := podresources.Dial(socket, time.Second)
-	require.NoError(t, err)
-	a, err := agent.New(agent.Config{
-		NodeName: n.Name, DevicePluginNamespace: nodesim.DevicePluginNamespace,
-		DevicePluginSelector: nodesim.DevicePluginLabel + "=" + nodesim.DevicePluginApp,
-		DevicePluginTimeout:  devicePluginTimeout, ResyncPeriod: 300 * time.Millisecond,
-	}, lib, c.cs, c.dyn, kubelet)
-	require.NoError(t, err)
+	cfg := local.AgentConfig(n.Name, devicePluginTimeout)
+	cfg.ResyncPeriod = 300 * time.Millisecond
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		assert.NoError(t, a.Run(ctx))
+		assert.NoError(t, local.RunAgent(ctx, c.cfg, n, socket, cfg))
 	}()
 	stopped := false
 	stop := func() {
@@ -86,7 +78,6 @@ func (c *cluster) startAgentWithSocket(t *testing.T, n *nodesim.Node, socket str
 			stopped = true
 			cancel()
 			<-done
-			_ = kubelet.Close()
 		}
 	}
 	t.Cleanup(stop)
@@ -168,22 +159,23 @@ func condition(np *v1alpha1.NodePartition, kind string) metav1.Condition {
 // waitApplied waits until the agent reports the plan applied.
 func (c *cluster) waitApplied(t *testing.T, node, plan string) *v1alpha1.NodePartition {
 	t.Helper()
-	var np *v1alpha1.NodePartition
-	waitFor(t, 30*time.Second, "plan "+plan+" applied on "+node, func() (bool, error) {
-		np = c.partition(t, node)
-		return np.Status.ObservedPlanID == plan && condition(np, v1alpha1.ConditionApplied).Status == metav1.ConditionTrue, nil
-	})
-	return np
+	return c.waitDone(t, node, plan, v1alpha1.ConditionApplied)
 }
 
 // waitRefused waits until the agent is done with a plan it did not apply
 // (observedPlanID moves, Failed is True) and returns the NodePartition.
 func (c *cluster) waitRefused(t *testing.T, node, plan string) *v1alpha1.NodePartition {
 	t.Helper()
+	return c.waitDone(t, node, plan, v1alpha1.ConditionFailed)
+}
+
+// waitDone waits until observedPlanID is the plan and the condition True.
+func (c *cluster) waitDone(t *testing.T, node, plan, cond string) *v1alpha1.NodePartition {
+	t.Helper()
 	var np *v1alpha1.NodePartition
-	waitFor(t, 10*time.Second, "plan "+plan+" refused on "+node, func() (bool, error) {
+	waitFor(t, 30*time.Second, fmt.Sprintf("plan %s on %s: %s", plan, node, cond), func() (bool, error) {
 		np = c.partition(t, node)
-		return np.Status.ObservedPlanID == plan && condition(np, v1alpha1.ConditionFailed).Status == metav1.ConditionTrue, nil
+		return np.Status.ObservedPlanID == plan && condition(np, cond).Status == metav1.ConditionTrue, nil
 	})
 	return np
 }
