@@ -177,6 +177,7 @@ func TestSeed(t *testing.T) {
 	})
 	m, _ := mig.ModelByName("A100-80GB")
 	require.NoError(t, m.Validate(n.Sim.Layout(0)))
+	assert.Len(t, n.Sim.Layout(0), 5, "exactly the slices the pods need: %v", n.Sim.Layout(0))
 	e.noUsedSliceDestroyed()
 }
 

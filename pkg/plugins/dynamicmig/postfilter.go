@@ -12,6 +12,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
 	"k8s.io/kubernetes/pkg/scheduler/framework"
@@ -251,6 +252,7 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 		names = append(names, name)
 	}
 	sort.Strings(names)
+	nominated := map[types.UID]bool{}
 	for _, name := range names {
 		v := views[name]
 		for _, pi := range v.ni.GetPods() {
@@ -259,6 +261,7 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 		for _, pi := range p.h.NominatedPodsForNode(name) {
 			if pi.GetPod().UID != pod.UID {
 				addDemand(v.node.Bound, pi.GetPod())
+				nominated[pi.GetPod().UID] = true
 			}
 		}
 		snap.Nodes = append(snap.Nodes, v.node)
@@ -267,7 +270,7 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 	state.Write(simulateKey, simulating{})
 	defer state.Delete(simulateKey)
 	snap.Pods = append(snap.Pods, p.pending(ctx, state, pod, demand, views, names))
-	for _, other := range p.otherPending(pod, views) {
+	for _, other := range p.otherPending(pod, views, nominated) {
 		d, err := podDemand(other)
 		if err != nil || len(d) == 0 {
 			continue
@@ -312,9 +315,11 @@ func (p *DynamicMIG) pending(ctx context.Context, state fwk.CycleState, pod *v1.
 }
 
 // otherPending lists the other pending pods of this profile that ask for
-// MIG slices and are not yet nominated to a planned node: highest priority
-// and oldest first, at most MaxPendingPodsPerPlan − 1.
-func (p *DynamicMIG) otherPending(pod *v1.Pod, views map[string]*view) []*v1.Pod {
+// MIG slices and are not yet nominated to a planned node — by the
+// scheduler's nominator (already counted as bound on that node), or in
+// their status: highest priority and oldest first, at most
+// MaxPendingPodsPerPlan − 1.
+func (p *DynamicMIG) otherPending(pod *v1.Pod, views map[string]*view, nominated map[types.UID]bool) []*v1.Pod {
 	all, err := p.h.SharedInformerFactory().Core().V1().Pods().Lister().List(labels.Everything())
 	if err != nil {
 		return nil
@@ -324,7 +329,7 @@ func (p *DynamicMIG) otherPending(pod *v1.Pod, views map[string]*view) []*v1.Pod
 		if o.UID == pod.UID || o.Spec.NodeName != "" || o.DeletionTimestamp != nil || o.Spec.SchedulerName != p.h.ProfileName() {
 			continue
 		}
-		if _, nominated := views[o.Status.NominatedNodeName]; nominated {
+		if _, inStatus := views[o.Status.NominatedNodeName]; inStatus || nominated[o.UID] {
 			continue // counted as bound on its node
 		}
 		if d, err := podDemand(o); err == nil && len(d) > 0 {
