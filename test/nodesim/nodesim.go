@@ -376,6 +376,7 @@ func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 		}
 		status.Phase, status.StartTime = v1.PodRunning, &now
 		status.Conditions = []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue, LastTransitionTime: now}}
+		status.ContainerStatuses = running(pod.Spec.Containers, now)
 	}
 	updated := pod.DeepCopy()
 	updated.Status = *status
@@ -384,6 +385,16 @@ func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 		return nil
 	}
 	return err
+}
+
+// running is the status of containers that started at now and are ready.
+func running(containers []v1.Container, now metav1.Time) []v1.ContainerStatus {
+	out := make([]v1.ContainerStatus, len(containers))
+	for i, c := range containers {
+		out[i] = v1.ContainerStatus{Name: c.Name, Image: c.Image, Ready: true, Started: ptr.To(true),
+			State: v1.ContainerState{Running: &v1.ContainerStateRunning{StartedAt: now}}}
+	}
+	return out
 }
 
 // requests sums the MIG resources a pod's containers ask for.
@@ -471,7 +482,8 @@ func (n *Node) createPlugin(ctx context.Context) error {
 		return err
 	}
 	now := metav1.Now()
-	pod.Status = v1.PodStatus{Phase: v1.PodRunning, StartTime: &now, Conditions: []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue, LastTransitionTime: now}}}
+	pod.Status = v1.PodStatus{Phase: v1.PodRunning, StartTime: &now, Conditions: []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue, LastTransitionTime: now}},
+		ContainerStatuses: running(pod.Spec.Containers, now)}
 	if _, err := n.cs.CoreV1().Pods(DevicePluginNamespace).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
 		return err
 	}
