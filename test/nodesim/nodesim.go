@@ -312,7 +312,13 @@ func (n *Node) finish(ctx context.Context, pod *v1.Pod) error {
 	n.release(pod.Namespace + "/" + pod.Name)
 	updated := pod.DeepCopy()
 	updated.Status.Phase = v1.PodSucceeded
-	updated.Status.Conditions = []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionFalse, Reason: "PodCompleted", LastTransitionTime: metav1.Now()}}
+	now := metav1.Now()
+	updated.Status.Conditions = []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionFalse, Reason: "PodCompleted", LastTransitionTime: now}}
+	for i := range updated.Status.ContainerStatuses {
+		cs := &updated.Status.ContainerStatuses[i]
+		cs.Ready, cs.Started = false, ptr.To(false)
+		cs.State = v1.ContainerState{Terminated: &v1.ContainerStateTerminated{Reason: "Completed", StartedAt: *pod.Status.StartTime, FinishedAt: now}}
+	}
 	_, err = n.cs.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, updated, metav1.UpdateOptions{})
 	if apierrors.IsNotFound(err) {
 		return nil
