@@ -13,15 +13,28 @@ GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds m
 
 .PHONY: help
 help: ## Show this help.
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
 build: ## Build the binaries into bin/.
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+# The local cluster's control plane, built from the Go modules (tool lines in
+# go.mod); the end-to-end tests and make demo run it.
+CONTROL_PLANE := k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager go.etcd.io/etcd/server/v3
+
+CONTROL_PLANE_BINS := $(BIN)/kube-apiserver $(BIN)/kube-controller-manager $(BIN)/server
+
+.PHONY: control-plane
+control-plane: $(CONTROL_PLANE_BINS) ## Build etcd, kube-apiserver and kube-controller-manager into bin/ for the local cluster.
+
+$(CONTROL_PLANE_BINS) &: go.mod go.sum
+	$(GO) build -o $(BIN)/ $(CONTROL_PLANE)
+	touch $(CONTROL_PLANE_BINS)
+
 .PHONY: test
-test: ## Run all tests with the race detector.
-	$(GO) test -race -count=1 $(PKGS)
+test: control-plane ## Run all tests with the race detector (unit, integration, end to end).
+	$(GO) test -race -count=1 -timeout 30m $(PKGS)
 
 .PHONY: test-integration
 test-integration: ## Run the scheduler and the node agent against a real kube-apiserver and etcd (part of make test).
@@ -55,6 +68,10 @@ fuzz: ## Fuzz the parsers for FUZZTIME each (default 30s).
 images: ## Build the container images (needs docker): dynamig/dynamig-scheduler:dev, dynamig/dynamig-agent:dev.
 	docker build -f Dockerfile.scheduler -t dynamig/dynamig-scheduler:dev .
 	docker build -f Dockerfile.agent -t dynamig/dynamig-agent:dev .
+
+.PHONY: test-e2e
+test-e2e: control-plane ## Run the end-to-end tests on the local cluster (part of make test).
+	$(GO) test -race -count=1 -v ./test/e2e/
 
 .PHONY: demo
 demo: ## Run the seed on a local cluster: real API server, scheduler and agents on simulated GPUs (SCENARIO=file for another).
