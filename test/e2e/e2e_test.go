@@ -311,4 +311,15 @@ func TestBadInput(t *testing.T) {
 	e.pod("good", 0, map[string]int64{"nvidia.com/mig-2g.20gb": 1})
 	e.waitPhase(60*time.Second, v1.PodRunning, "good")
 	assert.Equal(t, v1.PodPending, e.phase("no-such-profile"))
+
+	// A pod bound by hand to a node without a free slice is rejected by
+	// kubelet's admission, as a real kubelet does.
+	bypass := local.Pod("bypass", map[string]int64{"nvidia.com/mig-7g.80gb": 1})
+	bypass.Namespace, bypass.Spec.NodeName = e.ns, "bad-1"
+	_, err := cluster.Kube.CoreV1().Pods(e.ns).Create(context.Background(), bypass, metav1.CreateOptions{})
+	require.NoError(t, err)
+	e.waitPhase(30*time.Second, v1.PodFailed, "bypass")
+	p, err := cluster.Kube.CoreV1().Pods(e.ns).Get(context.Background(), "bypass", metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, "OutOfnvidia.com/mig-7g.80gb", p.Status.Reason)
 }
