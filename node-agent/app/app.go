@@ -14,7 +14,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -77,11 +76,7 @@ func (o *Options) OpenGPUs() (*gpu.NVML, error) {
 		}
 		return gpu.Open(sim.Interface())
 	}
-	var opts []nvml.LibraryOption
-	if o.NVMLLibrary != "" {
-		opts = append(opts, nvml.WithLibraryPath(o.NVMLLibrary))
-	}
-	return gpu.Open(nvml.New(opts...))
+	return gpu.OpenLibrary(o.NVMLLibrary)
 }
 
 // Run runs the agent until ctx ends.

@@ -23,7 +23,7 @@ func open(t *testing.T, models ...string) (*Simulator, *NVML) {
 }
 
 func TestOpenWithoutDriver(t *testing.T) {
-	_, err := Open(nvml.New(nvml.WithLibraryPath("/nonexistent/libnvidia-ml.so.1")))
+	_, err := OpenLibrary("/nonexistent/libnvidia-ml.so.1")
 	require.ErrorIs(t, err, ErrLibraryNotFound)
 	assert.Contains(t, err.Error(), "libnvidia-ml.so.1")
 }

@@ -40,6 +40,16 @@ func Open(lib nvml.Interface) (*NVML, error) {
 	return &NVML{lib: lib, profiles: map[string][]profile{}}, nil
 }
 
+// OpenLibrary opens the driver's NVML library: at path, or found by the
+// dynamic linker if path is empty.
+func OpenLibrary(path string) (*NVML, error) {
+	var opts []nvml.LibraryOption
+	if path != "" {
+		opts = append(opts, nvml.WithLibraryPath(path))
+	}
+	return Open(nvml.New(opts...))
+}
+
 // Close shuts NVML down.
 func (n *NVML) Close() error {
 	return call(n.lib.Shutdown(), "shutting NVML down")

@@ -58,6 +58,10 @@ const (
 	MethodGetGPUInstances       = "GetGpuInstances"
 )
 
+// FaultUnknown is NVML's ERROR_UNKNOWN, to inject with FailCall from
+// packages that do not import go-nvml (only this package does).
+const FaultUnknown = nvml.ERROR_UNKNOWN
+
 type fault struct {
 	nth int // 1-based call count, counted from when the fault was set
 	ret nvml.Return

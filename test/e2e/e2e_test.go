@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	v1 "k8s.io/api/core/v1"
@@ -236,7 +235,7 @@ func TestFaults(t *testing.T) {
 	e.pod("anchor", 0, map[string]int64{"nvidia.com/mig-2g.20gb": 1})
 	e.waitPhase(30*time.Second, v1.PodRunning, "anchor")
 
-	n.Sim.FailCall(gpu.MethodCreateGPUInstance, 1, nvml.ERROR_UNKNOWN)
+	n.Sim.FailCall(gpu.MethodCreateGPUInstance, 1, gpu.FaultUnknown)
 	e.pod("after-nvml-fault", 0, map[string]int64{"nvidia.com/mig-3g.40gb": 1})
 	e.waitPhase(60*time.Second, v1.PodRunning, "after-nvml-fault")
 

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	appsv1 "k8s.io/api/apps/v1"
@@ -355,8 +354,8 @@ func TestNodeAgent(t *testing.T) {
 		n := c.simNode(t, "fault", 0, "H100-80GB")
 		c.startRealAgent(t, n, 20*time.Second)
 		c.waitReported(t, "fault")
-		n.Sim.FailCall(gpu.MethodCreateGPUInstance, 2, nvml.ERROR_UNKNOWN)
-		n.Sim.FailCall(gpu.MethodCreateComputeInstance, 3, nvml.ERROR_UNKNOWN)
+		n.Sim.FailCall(gpu.MethodCreateGPUInstance, 2, gpu.FaultUnknown)
+		n.Sim.FailCall(gpu.MethodCreateComputeInstance, 3, gpu.FaultUnknown)
 		c.publish(t, "fault", "p-1", map[int32][]string{0: {"2g.20gb@0", "2g.20gb@2", "3g.40gb@4"}})
 		c.waitApplied(t, "fault", "p-1")
 		assert.Equal(t, []string{"2g.20gb@0", "2g.20gb@2", "3g.40gb@4"}, layoutStrings(n.Sim.Layout(0)))
