@@ -34,7 +34,10 @@ $(CONTROL_PLANE_BINS) &: go.mod go.sum
 
 .PHONY: test
 test: control-plane ## Run all tests with the race detector (unit, integration, end to end).
-	$(GO) test -race -count=1 -timeout 30m $(PKGS)
+	$(GO) test -race -count=1 -timeout 30m $$($(GO) list $(PKGS) | grep -v /test/e2e)
+	@# The end-to-end tests last, alone: their control-plane processes and
+	@# timing should not compete with the integration tests for 2 cores.
+	$(GO) test -race -count=1 -timeout 30m ./test/e2e/
 
 .PHONY: test-integration
 test-integration: ## Run the scheduler and the node agent against a real kube-apiserver and etcd (part of make test).

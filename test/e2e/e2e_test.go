@@ -6,7 +6,9 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -22,6 +24,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/util/retry"
+	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
@@ -36,7 +39,19 @@ var cluster *local.Cluster
 
 func TestMain(m *testing.M) {
 	ctx := context.Background()
-	var err error
+	// The components log to a file: E2E_LOG=path keeps it (default: discarded
+	// with the cluster's directory); E2E_V sets the verbosity.
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	_ = klogFlags.Set("v", cmp.Or(os.Getenv("E2E_V"), "2"))
+	_ = klogFlags.Set("logtostderr", "false")
+	_ = klogFlags.Set("stderrthreshold", "FATAL")
+	logFile, err := os.Create(cmp.Or(os.Getenv("E2E_LOG"), os.DevNull))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	klog.SetOutput(logFile)
 	cluster, err = local.Start(ctx, local.Options{Progress: os.Stderr, DevicePluginDelay: 200 * time.Millisecond, SliceDelay: 20 * time.Millisecond, DevicePluginTimeout: 20 * time.Second})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starting the local cluster:", err)
@@ -97,7 +112,33 @@ func (e *env) waitFor(timeout time.Duration, what string, cond func() bool) {
 	err := wait.PollUntilContextTimeout(context.Background(), 100*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
 		return cond(), nil
 	})
+	if err != nil {
+		e.dump()
+	}
 	require.NoError(e.t, err, "waiting for %s", what)
+}
+
+// dump logs what a user would look at: the test's pods and their
+// scheduling conditions, and its nodes' NodePartitions.
+func (e *env) dump() {
+	ctx := context.Background()
+	if pods, err := cluster.Kube.CoreV1().Pods(e.ns).List(ctx, metav1.ListOptions{}); err == nil {
+		for _, p := range pods.Items {
+			msg := ""
+			for _, c := range p.Status.Conditions {
+				if c.Type == v1.PodScheduled {
+					msg = c.Reason + ": " + c.Message
+				}
+			}
+			e.t.Logf("pod %s: %s on %q nominated %q %s", p.Name, p.Status.Phase, p.Spec.NodeName, p.Status.NominatedNodeName, msg)
+		}
+	}
+	for _, n := range e.nodes {
+		if np, err := cluster.Partition(ctx, n.Name); err == nil {
+			e.t.Logf("nodepartition %s: spec %s %s; status observed %s %+v %+v", n.Name, np.Spec.PlanID, local.Layout(np.Spec.GPUs), np.Status.ObservedPlanID, np.Status.GPUs, np.Status.Conditions)
+		}
+		e.t.Logf("node %s simulator: %v %v", n.Name, n.Sim.Layout(0), n.Sim.Ops())
+	}
 }
 
 func (e *env) phase(name string) v1.PodPhase {

@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/events"
+	"k8s.io/klog/v2"
 	"k8s.io/klog/v2/ktesting"
 	fwk "k8s.io/kube-scheduler/framework"
 	schedconfig "k8s.io/kubernetes/pkg/scheduler/apis/config"
@@ -72,7 +73,21 @@ func (f *fakePartitions) updateSpec(_ context.Context, np *v1alpha1.NodePartitio
 // testFramework is a scheduler framework with DynamicMIG (PreFilter,
 // Filter, PostFilter), TaintToleration and NodeResourcesFit on a snapshot of the given nodes
 // and pods; pending pods are in the informer.
+// activations records the pods a plugin activates.
+type activations struct{ pods []string }
+
+func (a *activations) Activate(_ klog.Logger, pods map[string]*v1.Pod) {
+	for k := range pods {
+		a.pods = append(a.pods, k)
+	}
+}
+
 func testFramework(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder) {
+	fw, recorder, _ := testFrameworkWithActivations(t, parts, nodes, pods...)
+	return fw, recorder
+}
+
+func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder, *activations) {
 	_, ctx := ktesting.NewTestContext(t)
 	schedmetrics.Register() // the test queue records scheduler metrics
 	var objs []runtime.Object
@@ -85,6 +100,7 @@ func testFramework(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods .
 		require.NoError(t, podInformer.Informer().GetStore().Add(p))
 	}
 	recorder := events.NewFakeRecorder(100)
+	activated := &activations{}
 	var bound []*v1.Pod
 	for _, p := range pods {
 		if p.Spec.NodeName != "" {
@@ -116,9 +132,10 @@ func testFramework(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods .
 		frameworkruntime.WithInformerFactory(informerFactory),
 		frameworkruntime.WithEventRecorder(recorder),
 		frameworkruntime.WithPodNominator(queue.NewTestQueue(ctx, nil)),
+		frameworkruntime.WithPodActivator(activated),
 	)
 	require.NoError(t, err)
-	return fw, recorder
+	return fw, recorder, activated
 }
 
 func migNode(name string, taints ...v1.Taint) *v1.Node {
@@ -197,12 +214,13 @@ func TestPostFilterConflictPlansAgain(t *testing.T) {
 	parts.NextErr = apierrors.NewConflict(schema.GroupResource{Group: "dynamig.io", Resource: "nodepartitions"}, "n1", nil)
 	nodes := []*v1.Node{migNode("n1")}
 	pod := pendingPod("p", list("nvidia.com/mig-3g.40gb", "1"))
-	fw, _ := testFramework(t, parts, nodes, pod)
+	fw, _, activated := testFrameworkWithActivations(t, parts, nodes, pod)
 
 	result, st := schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Contains(t, st.Message(), "planning again")
 	assert.Nil(t, result)
+	assert.Equal(t, []string{pod.Namespace + "/" + pod.Name}, activated.pods, "retried at once, not after the unschedulable timeout")
 	result, st = schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Equal(t, "n1", result.NominatedNodeName)

@@ -194,7 +194,7 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	}
 	var planned map[mig.ProfileName]int
 	if inFlight(np) {
-		planned = plannedCounts(np)
+		planned = keptCounts(np)
 	}
 	requested := ni.GetRequested().GetScalarResources()
 	allocatable := ni.GetAllocatable().GetScalarResources()
@@ -215,28 +215,27 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	return nil
 }
 
-// plannedCounts counts slices per profile in the layout a NodePartition's
-// spec asks for: the spec's GPUs as listed, the others as they are.
-func plannedCounts(np *v1alpha1.NodePartition) map[mig.ProfileName]int {
-	counts := map[mig.ProfileName]int{}
-	listed := map[int32]bool{}
-	add := func(profile string) {
-		if p, err := mig.ParseProfile(profile); err == nil {
-			counts[p]++
-		}
-	}
+// keptCounts counts, per profile, the slices that exist (in status) and
+// that the NodePartition's spec keeps: on the GPUs it lists, those at the
+// same placement; on the others, all. A slice the plan is about to create
+// does not count until it exists, and one it replaces by another of the
+// same profile does not either: kubelet could give it to the pod just
+// before the agent destroys it.
+func keptCounts(np *v1alpha1.NodePartition) map[mig.ProfileName]int {
+	spec := map[int32]map[v1alpha1.Slice]bool{}
 	for _, g := range np.Spec.GPUs {
-		listed[g.Index] = true
+		spec[g.Index] = map[v1alpha1.Slice]bool{}
 		for _, s := range g.Slices {
-			add(s.Profile)
+			spec[g.Index][s] = true
 		}
 	}
+	counts := map[mig.ProfileName]int{}
 	for _, g := range np.Status.GPUs {
-		if listed[g.Index] {
-			continue
-		}
+		want, listed := spec[g.Index]
 		for _, s := range g.Slices {
-			add(s.Profile)
+			if p, err := mig.ParseProfile(s.Profile); err == nil && (!listed || want[s.Slice]) {
+				counts[p]++
+			}
 		}
 	}
 	return counts

@@ -73,6 +73,9 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 	if apierrors.IsConflict(err) {
 		plansTotal.WithLabelValues(resultConflict).Inc()
 		logger.V(2).Info("NodePartition changed while planning; the pod will be planned again", "pod", klog.KObj(pod), "err", err)
+		// No cluster event may follow (an agent's status write is enough to
+		// conflict): retry at once instead of waiting in the unschedulable pool.
+		p.h.Activate(logger, map[string]*v1.Pod{pod.Namespace + "/" + pod.Name: pod})
 		return nil, fwk.NewStatus(fwk.Unschedulable, "a NodePartition changed while planning; planning again")
 	}
 	if err != nil {
