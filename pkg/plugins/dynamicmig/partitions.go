@@ -88,8 +88,15 @@ func (p *partitions) updateSpec(ctx context.Context, np *v1alpha1.NodePartition)
 	obj := &unstructured.Unstructured{Object: u}
 	obj.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
 	obj.SetKind("NodePartition")
-	if _, err := p.client.Update(ctx, obj, metav1.UpdateOptions{FieldManager: Name}); err != nil {
+	written, err := p.client.Update(ctx, obj, metav1.UpdateOptions{FieldManager: Name})
+	if err != nil {
 		return fmt.Errorf("publishing plan %s to NodePartition %s: %w", np.Spec.PlanID, np.Name, err)
+	}
+	// Filter must see the plan from the next scheduling cycle on, not when
+	// the watch delivers it: in between, a pod could be bound to a slice
+	// the plan is about to destroy.
+	if decoded, err := fromUnstructured(written); err == nil {
+		_ = p.informer.GetStore().Update(decoded)
 	}
 	return nil
 }
