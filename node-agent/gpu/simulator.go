@@ -74,6 +74,7 @@ type simGPU struct {
 	info             []nvml.GpuInstanceProfileInfo
 	current, pending bool
 	gis              []*simGI
+	nextGI           int // GPU instance IDs are not reused until a reboot
 }
 
 type simGI struct {
@@ -234,6 +235,7 @@ func (s *Simulator) Reboot() {
 			}
 		}
 		g.gis = nil
+		g.nextGI = 0
 		g.current = g.pending
 	}
 }
@@ -437,7 +439,7 @@ func (g *simGPU) profile(info *nvml.GpuInstanceProfileInfo) (*mig.Profile, nvml.
 	return &g.model.Profiles[pi], nvml.SUCCESS
 }
 
-// createGI adds a GPU instance with the lowest free ID; callers hold s.mu.
+// createGI adds a GPU instance with the next ID; callers hold s.mu.
 func (s *Simulator) createGI(g *simGPU, pi, start int) (nvml.GpuInstance, nvml.Return) {
 	if !containsStart(g.model.Profiles[pi].Starts, start) {
 		return nil, nvml.ERROR_INVALID_ARGUMENT
@@ -446,16 +448,8 @@ func (s *Simulator) createGI(g *simGPU, pi, start int) (nvml.GpuInstance, nvml.R
 	if !g.model.CanAdd(&o, pi, start) {
 		return nil, nvml.ERROR_INSUFFICIENT_RESOURCES
 	}
-	id := 1
-	for taken := true; taken; {
-		taken = false
-		for _, other := range g.gis {
-			if other.id == id {
-				id++
-				taken = true
-			}
-		}
-	}
+	g.nextGI++
+	id := g.nextGI
 	gi := &simGI{handle: &mock.GpuInstance{}, gpu: g, id: id, profile: pi, start: start}
 	s.wireGI(gi)
 	g.gis = append(g.gis, gi)
