@@ -319,10 +319,9 @@ func (p *DynamicMIG) isSchedulableAfterPartitionChange(logger klog.Logger, pod *
 
 // What a NodePartition change can mean for pending pods.
 const (
-	planApplied    = "a plan was applied"
-	gpusReported   = "the agent reported the node's GPUs"
-	slicesFreed    = "the agent reported slices freed"
-	noCapacityNews = ""
+	planApplied  = "a plan was applied"
+	gpusReported = "the agent reported the node's GPUs"
+	slicesFreed  = "the agent reported slices freed"
 )
 
 // capacityChange says why a NodePartition change may let a pending MIG
@@ -336,7 +335,7 @@ func capacityChange(old, np *v1alpha1.NodePartition) string {
 	case usedSlices(np) < usedSlices(old):
 		return slicesFreed
 	}
-	return noCapacityNews
+	return ""
 }
 
 func usedSlices(np *v1alpha1.NodePartition) int {
