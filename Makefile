@@ -7,7 +7,13 @@ CONTROLLER_GEN := $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.2
 # go-nvml's cgo build prints ~30 deprecation warnings from nvml.h: noise.
 CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 export CGO_CFLAGS
-GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds manifests/helm/dynamig/crds
+# The typed client of dynamig.io/v1alpha1 (clientset, listers, informers),
+# from k8s.io/code-generator at the module's Kubernetes version.
+CODEGEN_VERSION := v0.37.2
+CODEGEN = $(GO) run k8s.io/code-generator/cmd/$(1)@$(CODEGEN_VERSION) --go-header-file hack/boilerplate.go.txt
+MODULE  := github.com/dynamig/dynamig
+API_PKG := $(MODULE)/pkg/apis/dynamig/v1alpha1
+GENERATED := pkg/apis/dynamig/v1alpha1/zz_generated.deepcopy.go manifests/crds manifests/helm/dynamig/crds pkg/generated
 
 .DEFAULT_GOAL := help
 
@@ -52,9 +58,16 @@ verify: ## Check formatting, go vet, and that generated files are up to date.
 		echo "generated files are stale; run make generate and commit:"; git status --short -- $(GENERATED); exit 1; fi
 
 .PHONY: generate
-generate: ## Regenerate deepcopy code and the CRDs in manifests/crds and the Helm chart (controller-gen, pinned).
+generate: ## Regenerate deepcopy code, the CRDs (manifests/crds, the Helm chart) and the typed client in pkg/generated (pinned generators).
 	$(CONTROLLER_GEN) object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./manifests/crds
 	cp manifests/crds/*.yaml manifests/helm/dynamig/crds/
+	rm -rf pkg/generated
+	$(call CODEGEN,client-gen) --input-base $(MODULE)/pkg/apis --input dynamig/v1alpha1 \
+		--output-dir pkg/generated/clientset --output-pkg $(MODULE)/pkg/generated/clientset --clientset-name versioned
+	$(call CODEGEN,lister-gen) --output-dir pkg/generated/listers --output-pkg $(MODULE)/pkg/generated/listers $(API_PKG)
+	$(call CODEGEN,informer-gen) --output-dir pkg/generated/informers --output-pkg $(MODULE)/pkg/generated/informers \
+		--versioned-clientset-package $(MODULE)/pkg/generated/clientset/versioned \
+		--listers-package $(MODULE)/pkg/generated/listers $(API_PKG)
 
 .PHONY: bench
 bench: ## Planner latency benchmarks and the quality table (docs/benchmarks.md).

@@ -5,11 +5,13 @@ package main
 
 import (
 	"context"
-	"flag"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
 
+	"github.com/spf13/pflag"
+	logsapi "k8s.io/component-base/logs/api/v1"
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/app"
@@ -17,13 +19,18 @@ import (
 
 func main() {
 	var o app.Options
-	klog.InitFlags(nil)
-	o.Flags(flag.CommandLine)
-	flag.Parse()
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := app.Run(ctx, o); err != nil {
-		klog.ErrorS(err, "node agent stopped")
-		os.Exit(1)
+	o.Flags(pflag.CommandLine)
+	pflag.Parse()
+	if err := logsapi.ValidateAndApply(o.Logs, nil); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
 	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := app.Run(ctx, o)
+	stop()
+	if err != nil {
+		klog.ErrorS(err, "node agent stopped")
+		klog.FlushAndExit(klog.ExitFlushTimeout, 1)
+	}
+	klog.Flush()
 }

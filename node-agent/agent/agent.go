@@ -14,14 +14,12 @@ import (
 	v1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
@@ -30,7 +28,11 @@ import (
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
-	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/client"
+	"github.com/dynamig/dynamig/pkg/generated/clientset/versioned"
+	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/generated/informers/externalversions"
+	dynamiglisters "github.com/dynamig/dynamig/pkg/generated/listers/dynamig/v1alpha1"
 )
 
 // Kubelet is what the agent asks kubelet: the devices pods hold.
@@ -60,31 +62,45 @@ type Agent struct {
 	cfg        Config
 	lib        gpu.Lib
 	kube       kubernetes.Interface
-	partitions dynamic.NamespaceableResourceInterface
+	partitions dynamigv1alpha1.NodePartitionInterface
 	kubelet    Kubelet
 	recorder   record.EventRecorder
 	broadcast  record.EventBroadcaster
 
-	queue     workqueue.TypedRateLimitingInterface[string]
-	npStore   cache.Store
-	nodeStore cache.Store
-	factories []interface{ Start(<-chan struct{}) }
-	synced    []cache.InformerSynced
+	queue      workqueue.TypedRateLimitingInterface[string]
+	npLister   dynamiglisters.NodePartitionLister
+	nodeLister corelisters.NodeLister
+	factories  []interface{ Start(<-chan struct{}) }
+	synced     []cache.InformerSynced
 
 	ready   atomic.Bool
-	lastMsg map[string]string // condition type → last reason+message, for events on change only
+	lastMsg map[string]string // event key → last reason+message, for events on change only
 }
 
 const queueKey = "node"
 
-// New wires an agent; Run starts it.
-func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, dyn dynamic.Interface, kubelet Kubelet) (*Agent, error) {
+// NewForConfig wires an agent with clients of the API server at restCfg.
+func NewForConfig(restCfg *rest.Config, cfg Config, lib gpu.Lib, kubelet Kubelet) (*Agent, error) {
+	kube, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("creating the API client: %w", err)
+	}
+	client, err := client.New(restCfg)
+	if err != nil {
+		return nil, err
+	}
+	return New(cfg, lib, kube, client, kubelet)
+}
+
+// New wires an agent; Run starts it. It watches only its own Node and the
+// NodePartition of the same name.
+func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, client versioned.Interface, kubelet Kubelet) (*Agent, error) {
 	if cfg.NodeName == "" {
 		return nil, errors.New("node name is empty: set it from the downward API (spec.nodeName)")
 	}
 	registerMetrics()
 	a := &Agent{
-		cfg: cfg, lib: lib, kube: kube, partitions: dyn.Resource(v1alpha1.Resource), kubelet: kubelet,
+		cfg: cfg, lib: lib, kube: kube, partitions: client.DynamigV1alpha1().NodePartitions(), kubelet: kubelet,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 2*time.Minute),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "dynamig-agent"}),
@@ -94,28 +110,28 @@ func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, dyn dynamic.Interfa
 	a.recorder = a.broadcast.NewRecorder(scheme.Scheme, v1.EventSource{Component: "dynamig-agent", Host: cfg.NodeName})
 
 	byName := func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName }
-	npFactory := dynamicinformer.NewFilteredDynamicSharedInformerFactory(dyn, 0, "", byName)
-	npInformer := npFactory.ForResource(v1alpha1.Resource).Informer()
+	npFactory := externalversions.NewSharedInformerFactoryWithOptions(client, 0, externalversions.WithTweakListOptions(byName))
+	npInformer := npFactory.Dynamig().V1alpha1().NodePartitions()
 	nodeFactory := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithTweakListOptions(byName))
-	nodeInformer := nodeFactory.Core().V1().Nodes().Informer()
+	nodeInformer := nodeFactory.Core().V1().Nodes()
 	enqueue := func(any) { a.queue.Add(queueKey) }
-	if _, err := npInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	if _, err := npInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: enqueue, DeleteFunc: enqueue,
 		UpdateFunc: func(oldObj, newObj any) {
-			o, n := oldObj.(*unstructured.Unstructured), newObj.(*unstructured.Unstructured)
-			if o.GetGeneration() != n.GetGeneration() {
+			o, n := oldObj.(*v1alpha1.NodePartition), newObj.(*v1alpha1.NodePartition)
+			if o.Generation != n.Generation {
 				a.queue.Add(queueKey) // spec changed; our own status writes do not requeue
 			}
 		},
 	}); err != nil {
 		return nil, fmt.Errorf("watching NodePartition %s: %w", cfg.NodeName, err)
 	}
-	if _, err := nodeInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: enqueue}); err != nil {
+	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: enqueue}); err != nil {
 		return nil, fmt.Errorf("watching Node %s: %w", cfg.NodeName, err)
 	}
-	a.npStore, a.nodeStore = npInformer.GetStore(), nodeInformer.GetStore()
+	a.npLister, a.nodeLister = npInformer.Lister(), nodeInformer.Lister()
 	a.factories = []interface{ Start(<-chan struct{}) }{npFactory, nodeFactory}
-	a.synced = []cache.InformerSynced{npInformer.HasSynced, nodeInformer.HasSynced}
+	a.synced = []cache.InformerSynced{npInformer.Informer().HasSynced, nodeInformer.Informer().HasSynced}
 	return a, nil
 }
 
@@ -160,7 +176,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
-// outcome is what one sync did, for the status conditions.
+// outcome is what one sync did, for the status conditions (apply returns
+// its own part of it): the steps applied, why parts of the spec were not,
+// and a failure to retry.
 type outcome struct {
 	steps     []Step
 	conflicts []Conflict
@@ -168,8 +186,10 @@ type outcome struct {
 	reason    string // the failure's condition reason
 }
 
-// sync observes the GPUs, applies the spec as far as it safely can, makes
-// the device plugin re-advertise and writes the status.
+// sync reconciles the node in phases: observe the GPUs, decide the steps
+// (pure), apply them, observe again if anything changed, make the device
+// plugin advertise what exists, then report (pure), emit the events and
+// write the status. It returns a failure to retry with backoff.
 func (a *Agent) sync(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	node, err := a.node()
@@ -181,28 +201,26 @@ func (a *Agent) sync(ctx context.Context) error {
 		return err
 	}
 	start := time.Now()
-	observed, kubeletErr, err := a.observe(ctx)
+	obs, err := a.observe(ctx)
 	if err != nil {
 		nvmlErrors.WithLabelValues("observe", gpu.Code(err)).Inc()
-		return a.fail(ctx, np, nil, ReasonNVMLError, fmt.Errorf("reading the GPUs: %w", err))
+		return a.fail(ctx, np, node, nil, ReasonNVMLError, fmt.Errorf("reading the GPUs: %w", err))
 	}
-	if kubeletErr != nil {
-		logger.V(2).Info("kubelet PodResources API unavailable; no slice will be destroyed", "err", kubeletErr)
+	if obs.kubeletErr != nil {
+		logger.V(2).Info("kubelet PodResources API unavailable; no slice will be destroyed", "err", obs.kubeletErr)
 	}
-	plan := np.Spec.PlanID
-	spec, out := a.validSpec(np, observed)
-	steps, conflicts := Diff(observed, spec, kubeletErr == nil)
-	out.conflicts = append(out.conflicts, conflicts...)
-	out.steps = a.apply(klog.NewContext(ctx, logger.WithValues("plan", plan)), steps, observed, &out)
+	d := decide(np, obs)
+	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus)
+	out.conflicts = append(d.conflicts, out.conflicts...)
 	if len(out.steps) > 0 || out.err != nil {
 		// Status must say exactly what exists, whatever happened.
-		if observed, _, err = a.observe(ctx); err != nil {
-			return a.fail(ctx, np, out.conflicts, ReasonNVMLError, fmt.Errorf("reading the GPUs: %w", err))
+		if obs, err = a.observe(ctx); err != nil {
+			return a.fail(ctx, np, node, out.conflicts, ReasonNVMLError, fmt.Errorf("reading the GPUs: %w", err))
 		}
 	}
-	recordSlices(observed)
-	if out.err == nil && !advertised(node, observed) {
-		if err := a.readvertise(ctx, observed); err != nil {
+	recordSlices(obs.gpus)
+	if out.err == nil {
+		if err := a.advertise(ctx, node, obs.gpus); err != nil {
 			out.err, out.reason = err, ReasonDevicePluginTimeout
 		}
 	}
@@ -213,8 +231,8 @@ func (a *Agent) sync(ctx context.Context) error {
 		}
 		applyDuration.WithLabelValues(result).Observe(time.Since(start).Seconds())
 	}
-	st := a.status(node, observed)
-	a.conditions(np, &st, out)
+	st, events := report(np, node, &obs, out, metav1.Now())
+	a.emit(events)
 	if err := a.writeStatus(ctx, np, st); err != nil {
 		return err
 	}
@@ -223,34 +241,27 @@ func (a *Agent) sync(ctx context.Context) error {
 }
 
 func (a *Agent) node() (*v1.Node, error) {
-	obj, ok, err := a.nodeStore.GetByKey(a.cfg.NodeName)
-	if err != nil || !ok {
+	node, err := a.nodeLister.Get(a.cfg.NodeName)
+	if err != nil {
 		return nil, fmt.Errorf("node %s not found (is NODE_NAME set from spec.nodeName?): %w", a.cfg.NodeName, err)
 	}
-	return obj.(*v1.Node), nil
+	return node, nil
 }
 
 // partition returns the node's NodePartition, creating it (owned by the
-// Node, so it goes when the Node goes) if it does not exist.
+// Node, so it goes when the Node goes) if it does not exist. The object
+// may be the informer's: callers never modify it.
 func (a *Agent) partition(ctx context.Context, node *v1.Node) (*v1alpha1.NodePartition, error) {
-	obj, ok, err := a.npStore.GetByKey(a.cfg.NodeName)
-	if err != nil {
-		return nil, err
+	np, err := a.npLister.Get(a.cfg.NodeName)
+	if err == nil || !apierrors.IsNotFound(err) {
+		return np, err
 	}
-	if ok {
-		return decode(obj.(*unstructured.Unstructured))
-	}
-	np := &v1alpha1.NodePartition{
-		TypeMeta: metav1.TypeMeta{APIVersion: v1alpha1.SchemeGroupVersion.String(), Kind: "NodePartition"},
+	np = &v1alpha1.NodePartition{
 		ObjectMeta: metav1.ObjectMeta{Name: a.cfg.NodeName, OwnerReferences: []metav1.OwnerReference{{
 			APIVersion: "v1", Kind: "Node", Name: node.Name, UID: node.UID,
 		}}},
 	}
-	u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(np)
-	if err != nil {
-		return nil, err
-	}
-	created, err := a.partitions.Create(ctx, &unstructured.Unstructured{Object: u}, metav1.CreateOptions{FieldManager: "dynamig-agent"})
+	created, err := a.partitions.Create(ctx, np, metav1.CreateOptions{FieldManager: "dynamig-agent"})
 	if apierrors.IsAlreadyExists(err) {
 		created, err = a.partitions.Get(ctx, a.cfg.NodeName, metav1.GetOptions{})
 	}
@@ -258,188 +269,5 @@ func (a *Agent) partition(ctx context.Context, node *v1.Node) (*v1alpha1.NodePar
 		return nil, fmt.Errorf("creating NodePartition %s: %w", a.cfg.NodeName, err)
 	}
 	klog.FromContext(ctx).Info("created the node's NodePartition")
-	return decode(created)
-}
-
-func decode(u *unstructured.Unstructured) (*v1alpha1.NodePartition, error) {
-	np := &v1alpha1.NodePartition{}
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, np); err != nil {
-		return nil, fmt.Errorf("decoding NodePartition %s: %w", u.GetName(), err)
-	}
-	return np, nil
-}
-
-// observe reads every MIG-capable GPU and its slices from NVML and who
-// holds each slice from kubelet. A kubelet error is returned apart: the
-// agent still reports and creates, but destroys nothing.
-func (a *Agent) observe(ctx context.Context) ([]Observed, error, error) {
-	gpus, err := a.lib.GPUs()
-	if err != nil {
-		return nil, nil, err
-	}
-	devices, kubeletErr := a.kubelet.Devices(ctx, mig.ResourcePrefix)
-	out := make([]Observed, 0, len(gpus))
-	for _, g := range gpus {
-		o := Observed{GPU: g}
-		if g.MIG.Current {
-			ss, err := a.lib.Slices(g.Index)
-			if err != nil {
-				return nil, kubeletErr, err
-			}
-			for _, s := range ss {
-				o.Slices = append(o.Slices, ObservedSlice{Slice: s, Holder: holder(devices, g.Index, s)})
-			}
-		}
-		out = append(out, o)
-	}
-	return out, kubeletErr, nil
-}
-
-// holder is the pod kubelet says holds a slice, by the MIG UUID or the
-// "<gpu>:<mig index>" ID of deviceIDStrategy=index.
-func holder(d podresources.Devices, gpuIndex int, s gpu.Slice) string {
-	if s.UUID == "" {
-		return ""
-	}
-	if pod, ok := d.Used[s.UUID]; ok {
-		return pod
-	}
-	return d.Used[fmt.Sprintf("%d:%d", gpuIndex, s.MIGIndex)]
-}
-
-// validSpec is the spec's layout per GPU, minus GPUs whose layout is not
-// valid for what NVML offers there (reported as conflicts).
-func (a *Agent) validSpec(np *v1alpha1.NodePartition, observed []Observed) (map[int][]mig.Slice, outcome) {
-	spec := map[int][]mig.Slice{}
-	var out outcome
-	for _, g := range np.Spec.GPUs {
-		layout := make([]mig.Slice, 0, len(g.Slices))
-		var bad error
-		for _, s := range g.Slices {
-			p, err := mig.ParseProfile(s.Profile)
-			if err != nil {
-				bad = err
-				break
-			}
-			layout = append(layout, mig.Slice{Profile: p, Start: int(s.Start)})
-		}
-		if bad == nil {
-			bad = a.validate(int(g.Index), layout, observed)
-		}
-		if bad != nil {
-			out.conflicts = append(out.conflicts, Conflict{GPU: int(g.Index), Reason: ReasonInvalidSpec,
-				Message: fmt.Sprintf("gpu %d: the plan's layout is not valid here: %v", g.Index, bad)})
-			continue
-		}
-		spec[int(g.Index)] = layout
-	}
-	return spec, out
-}
-
-// validate checks a layout against the profiles NVML offers on the GPU.
-func (a *Agent) validate(index int, layout []mig.Slice, observed []Observed) error {
-	for _, o := range observed {
-		if o.GPU.Index != index || !o.GPU.MIG.Current {
-			continue
-		}
-		ps, err := a.lib.Profiles(index)
-		if err != nil {
-			return err
-		}
-		m, err := mig.NewModel(o.GPU.Name, asMIGProfiles(ps))
-		if err != nil {
-			return err
-		}
-		return m.Validate(layout)
-	}
-	return nil // Diff reports a GPU that is missing or has MIG off
-}
-
-func asMIGProfiles(ps []gpu.Profile) []mig.Profile {
-	out := make([]mig.Profile, len(ps))
-	for i, p := range ps {
-		out[i] = mig.Profile{Name: p.Name, ComputeSlices: p.ComputeSlices, MemorySlices: p.MemorySlices, MaxCount: p.MaxCount, Starts: p.Starts}
-	}
-	return out
-}
-
-// apply runs the steps in order and returns those that ran. Before each
-// destroy it asks kubelet again whether the slice is free; NVML's IN_USE
-// is the last guard. A slice found in use blocks the rest of its GPU's
-// steps (a conflict); any other failure stops the run, to be retried.
-func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, out *outcome) []Step {
-	logger := klog.FromContext(ctx)
-	blocked := map[int]bool{}
-	var done []Step
-	for _, st := range steps {
-		if blocked[st.GPU] {
-			continue
-		}
-		log := logger.WithValues("gpu", st.GPU, "profile", st.Slice.Profile.String(), "start", st.Slice.Start)
-		var err error
-		switch st.Kind {
-		case Destroy:
-			if who, err := a.recheck(ctx, st, observed); err != nil || who != "" {
-				msg := fmt.Sprintf("gpu %d: not changed: %s is used by pod %s", st.GPU, st.Slice, who)
-				reason := ReasonSliceInUse
-				if err != nil {
-					msg, reason = fmt.Sprintf("gpu %d: not changed: %s may be in use: %v", st.GPU, st.Slice, err), ReasonKubeletUnreachable
-				}
-				out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: reason, Message: msg})
-				blocked[st.GPU] = true
-				continue
-			}
-			err = a.lib.Destroy(st.GPU, st.Slice.Profile, st.Slice.Start)
-		case Create:
-			_, err = a.lib.Create(st.GPU, st.Slice.Profile, st.Slice.Start)
-		}
-		if err != nil {
-			nvmlErrors.WithLabelValues(string(st.Kind), gpu.Code(err)).Inc()
-		}
-		switch {
-		case err == nil:
-			log.V(2).Info("step done", "step", st.String())
-			done = append(done, st)
-		case errors.Is(err, gpu.ErrInUse):
-			out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: ReasonSliceInUse,
-				Message: fmt.Sprintf("gpu %d: not changed further: NVML says %s is in use (%v)", st.GPU, st.Slice, err)})
-			blocked[st.GPU] = true
-		default:
-			out.err, out.reason = fmt.Errorf("%s: %w", st, err), ReasonNVMLError
-			return done
-		}
-	}
-	return done
-}
-
-// recheck asks kubelet, just before a destroy, who holds the slice.
-func (a *Agent) recheck(ctx context.Context, st Step, observed []Observed) (string, error) {
-	d, err := a.kubelet.Devices(ctx, mig.ResourcePrefix)
-	if err != nil {
-		return "", err
-	}
-	for _, o := range observed {
-		if o.GPU.Index != st.GPU {
-			continue
-		}
-		for _, s := range o.Slices {
-			if s.Profile == st.Slice.Profile && s.Start == st.Slice.Start {
-				return holder(d, st.GPU, s.Slice), nil
-			}
-		}
-	}
-	return "", nil
-}
-
-func recordSlices(observed []Observed) {
-	slices.Reset()
-	for _, o := range observed {
-		for _, s := range o.Slices {
-			state := "free"
-			if s.Holder != "" {
-				state = "used"
-			}
-			slices.WithLabelValues(s.Profile.String(), state).Inc()
-		}
-	}
+	return created, nil
 }

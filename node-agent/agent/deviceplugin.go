@@ -18,12 +18,12 @@ import (
 )
 
 // advertisable counts, per resource, the slices the NVIDIA device plugin
-// advertises: those with exactly one, full-size compute instance.
+// advertises (gpu.Slice.Advertised).
 func advertisable(observed []Observed) map[v1.ResourceName]int64 {
 	out := map[v1.ResourceName]int64{}
 	for _, o := range observed {
 		for _, s := range o.Slices {
-			if s.CI >= 0 && s.OtherComputeInstances == 0 {
+			if s.Advertised() {
 				out[v1.ResourceName(s.Profile.ResourceName())]++
 			}
 		}
@@ -49,8 +49,14 @@ func allocatableDiff(node *v1.Node, want map[v1.ResourceName]int64) string {
 	return strings.Join(diffs, "; ")
 }
 
-func advertised(node *v1.Node, observed []Observed) bool {
-	return allocatableDiff(node, advertisable(observed)) == ""
+// advertise makes the device plugin advertise the observed slices, unless
+// Node allocatable already shows exactly them. An error means it did not
+// within DevicePluginTimeout (or could not be restarted).
+func (a *Agent) advertise(ctx context.Context, node *v1.Node, observed []Observed) error {
+	if allocatableDiff(node, advertisable(observed)) == "" {
+		return nil
+	}
+	return a.readvertise(ctx, observed)
 }
 
 // readvertise makes the NVIDIA device plugin, which scans MIG devices only

@@ -5,14 +5,21 @@ import (
 	"sort"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/partition"
 )
 
-// Observed is one GPU as the agent saw it: NVML's slices, each with the
-// pod kubelet says holds it.
+// Observed is one GPU as the agent saw it. With MIG on: the profiles NVML
+// offers, the model they make (or why none could be had: ModelErr), and
+// NVML's slices, each with the pod kubelet says holds it. With MIG off,
+// only the GPU.
 type Observed struct {
-	GPU    gpu.GPU
-	Slices []ObservedSlice
+	GPU      gpu.GPU
+	Profiles []mig.Profile
+	Model    *mig.Model
+	ModelErr error
+	Slices   []ObservedSlice
 }
 
 // ObservedSlice is a slice and its holder, "namespace/name" or "".
@@ -77,7 +84,7 @@ func Diff(observed []Observed, spec map[int][]mig.Slice, verified bool) ([]Step,
 		reason := ReasonSliceInUse
 		have := map[mig.Slice]bool{}
 		for _, s := range o.Slices {
-			sl := mig.Slice{Profile: s.Profile, Start: s.Start}
+			sl := s.Slice.Slice
 			if wanted[sl] {
 				if s.CI >= 0 {
 					have[sl] = true
@@ -147,4 +154,53 @@ func migDisabled(g gpu.GPU) string {
 		return fmt.Sprintf("gpu %d: MIG mode is enabled but pending a GPU reset or reboot: drain the node, then run `nvidia-smi -i %d -r` or reboot it", g.Index, g.Index)
 	}
 	return fmt.Sprintf("gpu %d: MIG mode is disabled: drain the node, run `nvidia-smi -i %d -mig 1` (then reset the GPU or reboot if it says so); dynamig never changes MIG mode itself", g.Index, g.Index)
+}
+
+// decision is what the agent will do about a spec: the steps, in order,
+// and the parts of the spec it will not apply, with why.
+type decision struct {
+	steps     []Step
+	conflicts []Conflict
+}
+
+// decide is the spec's layouts against what was observed, without side
+// effects. A GPU whose layout names a malformed profile or does not fit
+// its model is left out with an InvalidSpec conflict, in the spec's order
+// (for instance "gpu 0: the plan's layout is not valid here: invalid MIG
+// layout: 3g.40gb does not exist on A100-40GB (…)"); Diff turns the rest
+// into steps and conflicts, destroying only when kubelet answered.
+func decide(np *v1alpha1.NodePartition, obs observation) decision {
+	layouts, specErrs := partition.DesiredLayouts(np)
+	var d decision
+	for _, g := range np.Spec.GPUs {
+		i := int(g.Index)
+		bad := specErrs[i]
+		if bad == nil {
+			bad = validate(i, layouts[i], obs.gpus)
+		}
+		if bad != nil {
+			d.conflicts = append(d.conflicts, Conflict{GPU: i, Reason: ReasonInvalidSpec,
+				Message: fmt.Sprintf("gpu %d: the plan's layout is not valid here: %s", i, bad)})
+			delete(layouts, i)
+		}
+	}
+	steps, conflicts := Diff(obs.gpus, layouts, obs.kubeletErr == nil)
+	d.steps, d.conflicts = steps, append(d.conflicts, conflicts...)
+	return d
+}
+
+// validate checks a layout against the observed model of the GPU with MIG
+// on at index; nil if there is none (Diff reports a GPU that is missing or
+// has MIG off).
+func validate(index int, layout []mig.Slice, observed []Observed) error {
+	for _, o := range observed {
+		if o.GPU.Index != index || !o.GPU.MIG.Current {
+			continue
+		}
+		if o.ModelErr != nil {
+			return o.ModelErr
+		}
+		return o.Model.Validate(layout)
+	}
+	return nil
 }

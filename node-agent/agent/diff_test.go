@@ -18,7 +18,7 @@ func obs(index int, slices ...ObservedSlice) Observed {
 }
 
 func have(profile string, start int, holder string) ObservedSlice {
-	return ObservedSlice{Slice: gpu.Slice{Profile: mig.MustParseProfile(profile), Start: start, CI: 0, UUID: "MIG-" + profile}, Holder: holder}
+	return ObservedSlice{Slice: gpu.Slice{Slice: sl(profile, start), CI: 0, UUID: "MIG-" + profile}, Holder: holder}
 }
 
 func TestDiff(t *testing.T) {

@@ -10,56 +10,65 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/partition"
 )
 
-// status reports the GPUs as observed: identity, MIG mode, the profiles
-// NVML offers (which the scheduler plans with) and the slices with who
-// uses them. A GPU with MIG off gets a Warning event on the Node.
-func (a *Agent) status(node *v1.Node, observed []Observed) v1alpha1.NodePartitionStatus {
-	var st v1alpha1.NodePartitionStatus
-	for _, o := range observed {
-		g := v1alpha1.GPUStatus{Index: int32(o.GPU.Index), UUID: o.GPU.UUID, Model: modelName(o.GPU), MIGMode: migMode(o.GPU.MIG)}
-		if o.GPU.MIG.Current {
-			if ps, err := a.lib.Profiles(o.GPU.Index); err == nil {
-				for _, p := range ps {
-					ps := v1alpha1.ProfileStatus{Name: p.Name.String(), MemorySlices: int32(p.MemorySlices), MaxCount: int32(p.MaxCount)}
-					for _, s := range p.Starts {
-						ps.Starts = append(ps.Starts, int32(s))
-					}
-					g.Profiles = append(g.Profiles, ps)
-				}
-			}
-			for _, s := range o.Slices {
-				g.Slices = append(g.Slices, v1alpha1.SliceStatus{
-					Slice: v1alpha1.Slice{Profile: s.Profile.String(), Start: int32(s.Start)}, UUID: s.UUID, Used: s.Holder != "",
-				})
-			}
-		} else {
-			a.eventOnce("mig/"+o.GPU.UUID, &v1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: node.Name, UID: node.UID}, v1.EventTypeWarning, ReasonMIGDisabled, migDisabled(o.GPU))
-		}
-		st.GPUs = append(st.GPUs, g)
-	}
-	return st
+// event is an Event for emit to record.
+type event struct {
+	// once, if set, de-duplicates: the event is not recorded when the last
+	// one recorded under this key had the same reason and message.
+	once string
+	// forget, with once, records nothing but forgets the key's last event,
+	// so that the next one under it is recorded whatever it says.
+	forget                bool
+	ref                   *v1.ObjectReference
+	kind, reason, message string
 }
 
-// modelName is the catalog name of a GPU's model, or NVML's name for a
-// GPU the catalog does not know.
-func modelName(g gpu.GPU) string {
-	if m, ok := mig.ModelByPCIDeviceID(g.PCIDeviceID); ok {
-		return m.Name
+// report is the status to write after a sync and the events to record,
+// without side effects. The GPUs are as observed (nil: nothing could be
+// observed, keep those last reported); the conditions and observedPlanID
+// follow from the outcome (see conditions). now stamps a condition whose
+// status changes. Events, in order: a Warning on the Node per GPU with
+// MIG off (once per message), the Failed condition's Warning on the
+// NodePartition (once per message), and Applied listing the steps done.
+func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out outcome, now metav1.Time) (v1alpha1.NodePartitionStatus, []event) {
+	var st v1alpha1.NodePartitionStatus
+	var events []event
+	if obs == nil {
+		st.GPUs = np.Status.DeepCopy().GPUs
+	} else {
+		st.GPUs, events = gpuStatuses(node, obs.gpus)
 	}
-	if m, ok := mig.ModelByNVMLName(g.Name); ok {
-		return m.Name
+	return st, append(events, conditions(np, &st, out, now)...)
+}
+
+// gpuStatuses reports the GPUs as observed: identity, model name, MIG
+// mode, the profiles NVML offers (which the scheduler plans with) and the
+// slices with whether a pod uses them; and, for a GPU with MIG off, a
+// Warning event on the Node saying how to enable it.
+func gpuStatuses(node *v1.Node, observed []Observed) ([]v1alpha1.GPUStatus, []event) {
+	var gpus []v1alpha1.GPUStatus
+	var events []event
+	for _, o := range observed {
+		slices := make([]partition.Slice, len(o.Slices))
+		for i, s := range o.Slices {
+			slices[i] = partition.Slice{Slice: s.Slice.Slice, UUID: s.UUID, Used: s.Holder != ""}
+		}
+		model := mig.ModelName(o.GPU.Name, o.GPU.PCIDeviceID)
+		gpus = append(gpus, partition.EncodeGPU(o.GPU.Index, o.GPU.UUID, model, migMode(o.GPU.MIG), o.Profiles, slices))
+		if !o.GPU.MIG.Current {
+			events = append(events, event{once: "mig/" + o.GPU.UUID, ref: nodeRef(node),
+				kind: v1.EventTypeWarning, reason: ReasonMIGDisabled, message: migDisabled(o.GPU)})
+		}
 	}
-	return g.Name
+	return gpus, events
 }
 
 func migMode(m gpu.MIGMode) v1alpha1.MIGMode {
@@ -75,11 +84,12 @@ func migMode(m gpu.MIGMode) v1alpha1.MIGMode {
 }
 
 // conditions sets Applied and Failed and observedPlanID from what the
-// sync did. observedPlanID moves to the spec's plan once the agent is done
-// with it: applied, or refused for a reason only a new plan can fix (a
-// used slice in the way, an invalid layout). A failure it retries (NVML,
-// the device plugin) leaves it, so the scheduler keeps waiting for the plan.
-func (a *Agent) conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitionStatus, out outcome) {
+// sync did, and returns the events that go with them. observedPlanID
+// moves to the spec's plan once the agent is done with it: applied, or
+// refused for a reason only a new plan can fix (a used slice in the way,
+// an invalid layout). A failure it retries (NVML, the device plugin)
+// leaves it, so the scheduler keeps waiting for the plan.
+func conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitionStatus, out outcome, now metav1.Time) []event {
 	plan := np.Spec.PlanID
 	name := plan
 	if name == "" {
@@ -88,11 +98,11 @@ func (a *Agent) conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitio
 	st.ObservedGeneration = np.Generation
 	st.ObservedPlanID = np.Status.ObservedPlanID
 	st.Conditions = append([]metav1.Condition(nil), np.Status.Conditions...)
-	applied := metav1.Condition{Type: v1alpha1.ConditionApplied, ObservedGeneration: np.Generation}
-	failed := metav1.Condition{Type: v1alpha1.ConditionFailed, ObservedGeneration: np.Generation, Status: metav1.ConditionTrue}
+	applied := metav1.Condition{Type: v1alpha1.ConditionApplied, ObservedGeneration: np.Generation, LastTransitionTime: now}
+	failed := metav1.Condition{Type: v1alpha1.ConditionFailed, ObservedGeneration: np.Generation, LastTransitionTime: now, Status: metav1.ConditionTrue}
 	switch {
 	case out.err != nil:
-		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonApplying, fmt.Sprintf("plan %s: retrying after: %v", name, out.err)
+		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonApplying, fmt.Sprintf("plan %s: retrying after: %s", name, out.err)
 		failed.Reason, failed.Message = out.reason, out.err.Error()
 	case len(out.conflicts) > 0:
 		msgs := make([]string, len(out.conflicts))
@@ -114,38 +124,55 @@ func (a *Agent) conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitio
 	meta.SetStatusCondition(&st.Conditions, applied)
 	meta.SetStatusCondition(&st.Conditions, failed)
 	ref := partitionRef(np)
+	var events []event
 	if failed.Status == metav1.ConditionTrue {
-		a.eventOnce(v1alpha1.ConditionFailed, ref, v1.EventTypeWarning, failed.Reason, failed.Message)
+		events = append(events, event{once: v1alpha1.ConditionFailed, ref: ref, kind: v1.EventTypeWarning, reason: failed.Reason, message: failed.Message})
 	} else {
-		delete(a.lastMsg, v1alpha1.ConditionFailed)
+		events = append(events, event{once: v1alpha1.ConditionFailed, forget: true})
 	}
 	if out.err == nil && len(out.steps) > 0 {
 		steps := make([]string, len(out.steps))
 		for i, s := range out.steps {
 			steps[i] = s.String()
 		}
-		a.recorder.Eventf(ref, v1.EventTypeNormal, ReasonApplied, "plan %s: %s; the device plugin advertises the slices", name, strings.Join(steps, ", "))
+		events = append(events, event{ref: ref, kind: v1.EventTypeNormal, reason: ReasonApplied,
+			message: fmt.Sprintf("plan %s: %s; the device plugin advertises the slices", name, strings.Join(steps, ", "))})
 	}
+	return events
 }
 
-// eventOnce records an event unless the last one under key said the same.
-func (a *Agent) eventOnce(key string, ref *v1.ObjectReference, kind, reason, msg string) {
-	if a.lastMsg[key] == reason+msg {
-		return
+// emit records the events, in order: the one place the agent records
+// events. An event under a once key is skipped if the last one recorded
+// under that key said the same.
+func (a *Agent) emit(events []event) {
+	for _, e := range events {
+		if e.once != "" {
+			if e.forget {
+				delete(a.lastMsg, e.once)
+				continue
+			}
+			if a.lastMsg[e.once] == e.reason+e.message {
+				continue
+			}
+			a.lastMsg[e.once] = e.reason + e.message
+		}
+		a.recorder.Event(e.ref, e.kind, e.reason, e.message)
 	}
-	a.lastMsg[key] = reason + msg
-	a.recorder.Event(ref, kind, reason, msg)
 }
 
 func partitionRef(np *v1alpha1.NodePartition) *v1.ObjectReference {
 	return &v1.ObjectReference{APIVersion: v1alpha1.SchemeGroupVersion.String(), Kind: "NodePartition", Name: np.Name, UID: np.UID}
 }
 
-// fail writes a Failed condition (keeping the last reported GPUs) and
-// returns err for a retry.
-func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, conflicts []Conflict, reason string, err error) error {
-	st := *np.Status.DeepCopy()
-	a.conditions(np, &st, outcome{conflicts: conflicts, err: err, reason: reason})
+func nodeRef(node *v1.Node) *v1.ObjectReference {
+	return &v1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: node.Name, UID: node.UID}
+}
+
+// fail reports a failure to retry, keeping the last reported GPUs: it
+// emits the Failed condition's event, writes the status, and returns err.
+func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, conflicts []Conflict, reason string, err error) error {
+	st, events := report(np, node, nil, outcome{conflicts: conflicts, err: err, reason: reason}, metav1.Now())
+	a.emit(events)
 	if werr := a.writeStatus(ctx, np, st); werr != nil {
 		klog.FromContext(ctx).Error(werr, "writing the NodePartition status")
 	}
@@ -163,22 +190,13 @@ func (a *Agent) writeStatus(ctx context.Context, np *v1alpha1.NodePartition, st 
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		updated := current.DeepCopy()
 		updated.Status = st
-		u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(updated)
-		if err != nil {
-			return err
-		}
-		obj := &unstructured.Unstructured{Object: u}
-		obj.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
-		obj.SetKind("NodePartition")
-		_, err = a.partitions.UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: "dynamig-agent"})
+		_, err := a.partitions.UpdateStatus(ctx, updated, metav1.UpdateOptions{FieldManager: "dynamig-agent"})
 		if apierrors.IsConflict(err) {
 			fresh, gerr := a.partitions.Get(ctx, np.Name, metav1.GetOptions{})
 			if gerr != nil {
 				return gerr
 			}
-			if current, gerr = decode(fresh); gerr != nil {
-				return gerr
-			}
+			current = fresh
 		}
 		return err
 	})

@@ -1,12 +1,11 @@
-// Package app wires the node agent: flags, clients, the NVML library (or
-// simulated GPUs), kubelet's PodResources API, and the metrics and health
-// endpoints.
+// Package app wires the node agent: flags and logging (component-base, as
+// kube-scheduler has them), clients, the NVML library (or simulated GPUs),
+// kubelet's PodResources API, and the metrics and health endpoints.
 package app
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,10 +13,11 @@ import (
 	"strings"
 	"time"
 
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
+	"github.com/spf13/pflag"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	logsapi "k8s.io/component-base/logs/api/v1"
+	_ "k8s.io/component-base/logs/json/register" // --logging-format=json
 	"k8s.io/component-base/metrics/legacyregistry"
 	"k8s.io/klog/v2"
 
@@ -35,11 +35,16 @@ type Options struct {
 	// Simulate, if set, runs on simulated GPUs of these catalog models
 	// instead of NVML: "A100-80GB,A100-80GB".
 	Simulate string
+	// Logs is the logging configuration of -v/--v, --vmodule and
+	// --logging-format (text or json); the caller applies it with
+	// logsapi.ValidateAndApply before Run.
+	Logs *logsapi.LoggingConfiguration
 	agent.Config
 }
 
-// Flags registers the options on fs with their defaults.
-func (o *Options) Flags(fs *flag.FlagSet) {
+// Flags sets every option to its default and registers it on fs, with
+// component-base's logging flags.
+func (o *Options) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file; in-cluster configuration if empty")
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME, set from the downward API)")
 	fs.StringVar(&o.PodResourcesSocket, "pod-resources-socket", podresources.DefaultSocket, "kubelet's PodResources API socket")
@@ -50,6 +55,8 @@ func (o *Options) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&o.ListenAddress, "listen-address", ":8080", "address of /metrics, /healthz and /readyz")
 	fs.StringVar(&o.NVMLLibrary, "nvml-library", "", "path of libnvidia-ml.so.1 (default: the dynamic linker's search path)")
 	fs.StringVar(&o.Simulate, "simulate", "", "run on simulated GPUs of these comma-separated catalog models (e.g. A100-80GB,H100-80GB) instead of NVML")
+	o.Logs = logsapi.NewLoggingConfiguration()
+	logsapi.AddFlags(o.Logs, fs)
 }
 
 // Validate checks the options.
@@ -96,20 +103,12 @@ func Run(ctx context.Context, o Options) error {
 	}
 	cfg = rest.CopyConfig(cfg)
 	cfg.UserAgent = "dynamig-agent/" + o.NodeName
-	kube, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return err
-	}
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		return err
-	}
 	kubelet, err := podresources.Dial(o.PodResourcesSocket, 10*time.Second)
 	if err != nil {
 		return err
 	}
 	defer func() { _ = kubelet.Close() }()
-	a, err := agent.New(o.Config, lib, kube, dyn, kubelet)
+	a, err := agent.NewForConfig(cfg, o.Config, lib, kubelet)
 	if err != nil {
 		return err
 	}

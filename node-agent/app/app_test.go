@@ -2,7 +2,6 @@ package app
 
 import (
 	"context"
-	"flag"
 	"io"
 	"net"
 	"net/http"
@@ -10,15 +9,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/pflag"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	logsapi "k8s.io/component-base/logs/api/v1"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 )
 
 func TestOptions(t *testing.T) {
 	var o Options
-	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	fs := pflag.NewFlagSet("agent", pflag.ContinueOnError)
 	o.Flags(fs)
 	require.NoError(t, fs.Parse([]string{"--node-name=n1", "--simulate=A100-80GB,H100-80GB"}))
 	require.NoError(t, o.Validate())
@@ -34,7 +35,7 @@ func TestOptions(t *testing.T) {
 	assert.Equal(t, "NVIDIA H100 80GB HBM3", gpus[1].Name)
 
 	bad := Options{}
-	fs = flag.NewFlagSet("agent", flag.ContinueOnError)
+	fs = pflag.NewFlagSet("agent", pflag.ContinueOnError)
 	bad.Flags(fs)
 	require.NoError(t, fs.Parse([]string{"--node-name=", "--resync-period=0s", "--simulate=A100-81GB"}))
 	err = bad.Validate()
@@ -48,6 +49,24 @@ func TestOptions(t *testing.T) {
 	bad.Simulate, bad.NVMLLibrary = "", "/nonexistent/libnvidia-ml.so.1"
 	_, err = bad.OpenGPUs()
 	assert.ErrorIs(t, err, gpu.ErrLibraryNotFound)
+}
+
+// The logging flags are component-base's, as kube-scheduler's: -v in any
+// spelling, --vmodule and --logging-format=json parse and validate.
+func TestLoggingFlags(t *testing.T) {
+	for _, args := range [][]string{{"-v=2"}, {"--v=2"}, {"-v", "2"}, {"--logging-format=json", "--v=2"}, {"--vmodule=agent=2", "-v2"}} {
+		var o Options
+		fs := pflag.NewFlagSet("agent", pflag.ContinueOnError)
+		o.Flags(fs)
+		require.NoError(t, fs.Parse(args), args)
+		assert.EqualValues(t, 2, o.Logs.Verbosity, args)
+		assert.Empty(t, logsapi.Validate(o.Logs, nil, nil), args)
+	}
+	var o Options
+	fs := pflag.NewFlagSet("agent", pflag.ContinueOnError)
+	o.Flags(fs)
+	require.NoError(t, fs.Parse([]string{"--logging-format=yaml"}))
+	assert.NotEmpty(t, logsapi.Validate(o.Logs, nil, nil), "an unknown format is refused")
 }
 
 func TestHealthEndpoints(t *testing.T) {

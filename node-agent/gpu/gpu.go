@@ -51,23 +51,23 @@ type GPU struct {
 	MIG         MIGMode
 }
 
-// Profile is a GPU-instance profile NVML offers on a GPU.
+// Profile is a GPU-instance profile NVML offers on a GPU: the domain
+// profile (name, compute and memory slices, max count, placement starts)
+// plus the memory NVML gives it, e.g. 1g.10gb on an A100-80GB: 1 compute
+// and 1 memory slice, 7 at most, starts 0–6, 9728 MiB.
 type Profile struct {
-	Name          mig.ProfileName
-	ComputeSlices int
-	MemorySlices  int // placement size
-	MaxCount      int
-	MemoryMiB     int
-	Starts        []int
+	mig.Profile
+	MemoryMiB int
 }
 
-// Slice is a GPU instance that exists.
+// Slice is a GPU instance that exists: its profile at its placement start
+// (the embedded mig.Slice, e.g. 3g.40gb@4), and how NVML and the device
+// plugin know it.
 type Slice struct {
-	Profile mig.ProfileName
-	Start   int
-	GI      int    // GPU instance ID
-	CI      int    // the full-size compute instance's ID, -1 if it has none
-	UUID    string // the MIG device UUID, "MIG-…"; empty without a compute instance
+	mig.Slice
+	GI   int    // GPU instance ID
+	CI   int    // the full-size compute instance's ID, -1 if it has none
+	UUID string // the MIG device UUID, "MIG-…"; empty without a compute instance
 	// MIGIndex is the MIG device's enumeration index on its GPU, what the
 	// device plugin's deviceIDStrategy=index advertises as "<gpu>:<MIGIndex>";
 	// -1 without a compute instance.
@@ -77,6 +77,12 @@ type Slice struct {
 	// plugin does not advertise such a slice.
 	OtherComputeInstances int
 }
+
+// Advertised reports whether the NVIDIA device plugin advertises the slice
+// as one device of its profile's resource (nvidia.com/mig-3g.40gb): it has
+// exactly one compute instance, and that one is full-size. This is the one
+// definition of "advertised", for the agent and its stand-ins alike.
+func (s Slice) Advertised() bool { return s.CI >= 0 && s.OtherComputeInstances == 0 }
 
 // Errors callers branch on; every NVML failure wraps one of these or, for
 // other codes, an error whose text is NVML's.

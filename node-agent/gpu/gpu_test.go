@@ -55,7 +55,7 @@ func TestDiscoveryMatchesCatalog(t *testing.T) {
 				want = append(want, p)
 			}
 			for _, p := range got {
-				have = append(have, mig.Profile{Name: p.Name, ComputeSlices: p.ComputeSlices, MemorySlices: p.MemorySlices, MaxCount: p.MaxCount, Starts: p.Starts})
+				have = append(have, p.Profile)
 			}
 			sortProfiles(want)
 			sortProfiles(have)
@@ -98,7 +98,7 @@ func TestRoundTripEveryLayout(t *testing.T) {
 				require.Len(t, uuids, len(layout), "layout %v: MIG UUIDs are not distinct", layout)
 				slices, err := lib.Slices(0)
 				require.NoError(t, err)
-				require.Equal(t, sorted(layout), asLayout(slices), "layout read back")
+				require.Equal(t, sorted(layout), sorted(mig.LayoutOf(slices)), "layout read back")
 				require.Equal(t, sorted(layout), sim.Layout(0))
 				for _, s := range layout {
 					require.NoError(t, lib.Destroy(0, s.Profile, s.Start), "layout %v: destroying %s", layout, s)
@@ -111,15 +111,6 @@ func TestRoundTripEveryLayout(t *testing.T) {
 
 func sorted(l []mig.Slice) []mig.Slice {
 	out := append([]mig.Slice{}, l...)
-	mig.SortSlices(out)
-	return out
-}
-
-func asLayout(slices []Slice) []mig.Slice {
-	out := []mig.Slice{}
-	for _, s := range slices {
-		out = append(out, mig.Slice{Profile: s.Profile, Start: s.Start})
-	}
 	mig.SortSlices(out)
 	return out
 }

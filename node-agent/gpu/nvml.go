@@ -187,10 +187,10 @@ func discover(gpu int, d nvml.Device) ([]profile, error) {
 		if len(placements) == 0 {
 			continue
 		}
-		p := profile{info: info, Profile: Profile{
+		p := profile{info: info, Profile: Profile{Profile: mig.Profile{
 			Name: name, ComputeSlices: int(info.SliceCount), MemorySlices: int(placements[0].Size),
-			MaxCount: int(info.InstanceCount), MemoryMiB: int(info.MemorySizeMB),
-		}}
+			MaxCount: int(info.InstanceCount),
+		}, MemoryMiB: int(info.MemorySizeMB)}}
 		for _, pl := range placements {
 			p.Starts = append(p.Starts, int(pl.Start))
 		}
@@ -289,7 +289,7 @@ func slice(gpu int, p profile, gi nvml.GpuInstance, devices map[[2]int]migDevice
 	if err := call(ret, "gpu %d: reading a %s instance", gpu, p.Name); err != nil {
 		return Slice{}, err
 	}
-	s := Slice{Profile: p.Name, Start: int(info.Placement.Start), GI: int(info.Id), CI: -1, MIGIndex: -1}
+	s := Slice{Slice: mig.Slice{Profile: p.Name, Start: int(info.Placement.Start)}, GI: int(info.Id), CI: -1, MIGIndex: -1}
 	err := computeInstances(gpu, p, gi, func(ciProfile nvml.ComputeInstanceProfileInfo, ci nvml.ComputeInstance) error {
 		ciInfo, ret := ci.GetInfo()
 		if err := call(ret, "gpu %d: reading a compute instance of %s@%d", gpu, p.Name, s.Start); err != nil {

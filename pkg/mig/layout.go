@@ -16,6 +16,21 @@ type Slice struct {
 
 func (s Slice) String() string { return fmt.Sprintf("%s@%d", s.Profile, s.Start) }
 
+// MIGSlice returns the slice itself; types that embed Slice to add fields
+// (planner.Slice adds Used, partition.Slice a UUID) get it too, so that
+// LayoutOf takes them all.
+func (s Slice) MIGSlice() Slice { return s }
+
+// LayoutOf is the layout of slices of a type that embeds Slice: their
+// profiles and starts, in order.
+func LayoutOf[S interface{ MIGSlice() Slice }](slices []S) []Slice {
+	out := make([]Slice, len(slices))
+	for i, s := range slices {
+		out[i] = s.MIGSlice()
+	}
+	return out
+}
+
 // ErrInvalidLayout is wrapped by every layout validity error.
 var ErrInvalidLayout = errors.New("invalid MIG layout")
 

@@ -49,7 +49,7 @@ func (w *world) firstFit(ps *podState, ni int, create bool) bool {
 				}
 				if o, ok := g.firstFit(q, create); ok {
 					g.apply(o, q)
-					refs = append(refs, SliceRef{GPU: g.index, Profile: g.model.Profiles[q].Name, Start: o.start})
+					refs = append(refs, SliceRef{GPU: g.index, Slice: mig.Slice{Profile: g.model.Profiles[q].Name, Start: o.start}})
 					placed = true
 					break
 				}

@@ -34,18 +34,18 @@ func Check(s *Snapshot, p *Plan) error {
 			if pg.Index != g.Index || pg.Model != g.Model.Name {
 				return fmt.Errorf("node %q gpu %d: plan has gpu %d model %s", n.Name, g.Index, pg.Index, pg.Model)
 			}
-			if err := g.Model.Validate(layoutOf(pg.Slices)); err != nil {
+			if err := g.Model.Validate(mig.LayoutOf(pg.Slices)); err != nil {
 				return fmt.Errorf("node %q gpu %d: %w", n.Name, g.Index, err)
 			}
 			after := map[mig.Slice]Slice{}
 			for _, sl := range pg.Slices {
-				after[mig.Slice{Profile: sl.Profile, Start: sl.Start}] = sl
+				after[sl.Slice] = sl
 				planned[key{ni, g.Index, sl.Start}] = sl
 				count[sl.Profile]++
 			}
 			before := map[mig.Slice]bool{}
 			for _, sl := range g.Slices {
-				ms := mig.Slice{Profile: sl.Profile, Start: sl.Start}
+				ms := sl.Slice
 				before[ms] = true
 				got, kept := after[ms]
 				if sl.Used && (!kept || !got.Used) {

@@ -28,9 +28,11 @@ func gpu(m *mig.Model, index int, slices ...Slice) GPU {
 }
 
 func used(p string, start int) Slice {
-	return Slice{Profile: mig.MustParseProfile(p), Start: start, Used: true}
+	return Slice{Slice: mig.Slice{Profile: mig.MustParseProfile(p), Start: start}, Used: true}
 }
-func free(p string, start int) Slice { return Slice{Profile: mig.MustParseProfile(p), Start: start} }
+func free(p string, start int) Slice {
+	return Slice{Slice: mig.Slice{Profile: mig.MustParseProfile(p), Start: start}}
+}
 
 // pod builds a pod from requests written "3g.40gb" or "1g.10gb:2".
 func pod(name string, requests ...string) Pod {
@@ -57,7 +59,7 @@ func plan(t *testing.T, st Strategy, s *Snapshot) *Plan {
 func layout(p *Plan, node, gpu int) []string {
 	var out []string
 	for _, s := range p.Nodes[node].GPUs[gpu].Slices {
-		out = append(out, mig.Slice{Profile: s.Profile, Start: s.Start}.String())
+		out = append(out, s.Slice.String())
 	}
 	return out
 }
@@ -176,8 +178,8 @@ func TestMultiSlicePodsAreServedWholeOrNotAtAll(t *testing.T) {
 	p = plan(t, Dynamig{}, two)
 	require.True(t, p.Pods[0].Served())
 	assert.Equal(t, []SliceRef{
-		{GPU: 0, Profile: mig.MustParseProfile("4g.40gb"), Start: 0},
-		{GPU: 1, Profile: mig.MustParseProfile("4g.40gb"), Start: 0},
+		{GPU: 0, Slice: mig.Slice{Profile: mig.MustParseProfile("4g.40gb"), Start: 0}},
+		{GPU: 1, Slice: mig.Slice{Profile: mig.MustParseProfile("4g.40gb"), Start: 0}},
 	}, p.Pods[0].Slices)
 }
 

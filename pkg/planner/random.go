@@ -51,7 +51,7 @@ func Random(r *rand.Rand, o RandomOptions) *Snapshot {
 						}
 						n.Bound[sl.Profile]++
 					}
-					g.Slices = append(g.Slices, Slice{Profile: sl.Profile, Start: sl.Start, Used: used})
+					g.Slices = append(g.Slices, Slice{Slice: sl, Used: used})
 				}
 			}
 			n.GPUs = append(n.GPUs, g)

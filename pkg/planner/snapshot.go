@@ -47,8 +47,7 @@ type GPU struct {
 
 // Slice is an existing or planned GPU instance.
 type Slice struct {
-	Profile mig.ProfileName `json:"profile"`
-	Start   int             `json:"start"`
+	mig.Slice
 	// Used is true for a slice a container holds: it is never destroyed or moved.
 	Used bool `json:"used"`
 }
@@ -99,10 +98,12 @@ type Assignment struct {
 
 // SliceRef names one slice of a node: GPU index, profile and start.
 type SliceRef struct {
-	GPU     int             `json:"gpu"`
-	Profile mig.ProfileName `json:"profile"`
-	Start   int             `json:"start"`
+	GPU int `json:"gpu"`
+	mig.Slice
 }
+
+// String prints the slice with its GPU: "1:4g.40gb@0".
+func (r SliceRef) String() string { return fmt.Sprintf("%d:%s", r.GPU, r.Slice) }
 
 // Served reports whether the pod got a node.
 func (a Assignment) Served() bool { return a.Node != "" }
@@ -120,7 +121,7 @@ func (s *Snapshot) Validate() error {
 			if g.Model == nil {
 				return fmt.Errorf("node %q gpu %d: no model", n.Name, g.Index)
 			}
-			if err := g.Model.Validate(layoutOf(g.Slices)); err != nil {
+			if err := g.Model.Validate(mig.LayoutOf(g.Slices)); err != nil {
 				return fmt.Errorf("node %q gpu %d: %w", n.Name, g.Index, err)
 			}
 		}
@@ -146,14 +147,6 @@ func (s *Snapshot) Validate() error {
 		}
 	}
 	return nil
-}
-
-func layoutOf(slices []Slice) []mig.Slice {
-	out := make([]mig.Slice, len(slices))
-	for i, s := range slices {
-		out[i] = mig.Slice{Profile: s.Profile, Start: s.Start}
-	}
-	return out
 }
 
 // sortedProfiles returns the profiles of a request map in a fixed order:

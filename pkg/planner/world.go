@@ -414,7 +414,7 @@ func (n *nodeState) place(id int) (SliceRef, option, bool) {
 	q := g.local[id]
 	g.apply(o, q)
 	n.changed()
-	return SliceRef{GPU: g.index, Profile: g.model.Profiles[q].Name, Start: o.start}, o, true
+	return SliceRef{GPU: g.index, Slice: mig.Slice{Profile: g.model.Profiles[q].Name, Start: o.start}}, o, true
 }
 
 // clone copies a node's mutable state so that a placement can be tried.
@@ -508,7 +508,7 @@ func (w *world) plan(strategy string) *Plan {
 		for _, g := range n.gpus {
 			gl := GPULayout{Index: g.index, Model: g.model.Name, Slices: []Slice{}}
 			add := func(s slot) {
-				gl.Slices = append(gl.Slices, Slice{Profile: g.model.Profiles[s.prof].Name, Start: s.start, Used: s.used})
+				gl.Slices = append(gl.Slices, Slice{Slice: mig.Slice{Profile: g.model.Profiles[s.prof].Name, Start: s.start}, Used: s.used})
 			}
 			for _, s := range g.pinned {
 				add(s)

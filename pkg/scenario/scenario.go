@@ -271,7 +271,7 @@ func (s *Scenario) Snapshot() *planner.Snapshot {
 		}
 		for _, sl := range n.Slices {
 			pn.GPUs[sl.GPU].Slices = append(pn.GPUs[sl.GPU].Slices, planner.Slice{
-				Profile: mig.MustParseProfile(sl.Profile), Start: sl.Start, Used: sl.Used,
+				Slice: mig.Slice{Profile: mig.MustParseProfile(sl.Profile), Start: sl.Start}, Used: sl.Used,
 			})
 		}
 		snap.Nodes = append(snap.Nodes, pn)

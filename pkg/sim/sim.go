@@ -63,8 +63,7 @@ func Run(sc *scenario.Scenario, strategy string) (*Result, error) {
 const staticWaitWeight = 1 << 30
 
 type simSlice struct {
-	profile mig.ProfileName
-	start   int
+	mig.Slice
 	pod     int     // -1 when free; -2 for a workload outside the scenario
 	readyAt float64 // when the slice can be used
 }
@@ -115,12 +114,12 @@ func run(sc *scenario.Scenario, st planner.Strategy, static map[string][]mig.Sli
 			if sl.Used {
 				pod = -2
 			}
-			gpus[sl.GPU].slices = append(gpus[sl.GPU].slices, simSlice{profile: mig.MustParseProfile(sl.Profile), start: sl.Start, pod: pod})
+			gpus[sl.GPU].slices = append(gpus[sl.GPU].slices, simSlice{Slice: mig.Slice{Profile: mig.MustParseProfile(sl.Profile), Start: sl.Start}, pod: pod})
 		}
 		for _, g := range gpus {
 			if l, ok := static[g.model.Name]; ok && len(g.slices) == 0 {
 				for _, ms := range l {
-					g.slices = append(g.slices, simSlice{profile: ms.Profile, start: ms.Start, pod: -1})
+					g.slices = append(g.slices, simSlice{Slice: ms, pod: -1})
 				}
 			}
 		}
@@ -200,14 +199,14 @@ func (s *simulator) finish(i int) {
 	for _, gs := range p.gpuSlices {
 		g := s.nodes[p.node][gs[0]]
 		for j := range g.slices {
-			if g.slices[j].start == gs[1] && g.slices[j].pod == i {
+			if g.slices[j].Start == gs[1] && g.slices[j].pod == i {
 				g.slices[j].pod = -1
 			}
 		}
 		if s.teardown {
 			kept := g.slices[:0]
 			for _, sl := range g.slices {
-				if sl.start == gs[1] && sl.pod == -1 {
+				if sl.Start == gs[1] && sl.pod == -1 {
 					s.res.SlicesDestroyed++
 					continue
 				}
@@ -241,7 +240,7 @@ func (s *simulator) plan(arrived []int) error {
 		for gi, g := range gpus {
 			pg := planner.GPU{Index: gi, Model: g.model}
 			for _, sl := range g.slices {
-				pg.Slices = append(pg.Slices, planner.Slice{Profile: sl.profile, Start: sl.start, Used: sl.pod != -1})
+				pg.Slices = append(pg.Slices, planner.Slice{Slice: sl.Slice, Used: sl.pod != -1})
 			}
 			n.GPUs = append(n.GPUs, pg)
 		}
@@ -266,7 +265,7 @@ func (s *simulator) plan(arrived []int) error {
 		for _, ref := range a.Slices {
 			g := s.nodes[pod.node][ref.GPU]
 			for j := range g.slices {
-				if sl := &g.slices[j]; sl.start == ref.Start && sl.profile == ref.Profile {
+				if sl := &g.slices[j]; sl.Slice == ref.Slice {
 					sl.pod = i
 					pod.bindAt = math.Max(pod.bindAt, sl.readyAt)
 				}
@@ -285,13 +284,13 @@ func (s *simulator) plan(arrived []int) error {
 func (s *simulator) relayout(g *simGPU, planned []planner.Slice) {
 	want := map[mig.Slice]bool{}
 	for _, sl := range planned {
-		want[mig.Slice{Profile: sl.Profile, Start: sl.Start}] = true
+		want[sl.Slice] = true
 	}
 	changed := false
 	kept := g.slices[:0]
 	have := map[mig.Slice]bool{}
 	for _, sl := range g.slices {
-		k := mig.Slice{Profile: sl.profile, Start: sl.start}
+		k := sl.Slice
 		if !want[k] {
 			s.res.SlicesDestroyed++
 			changed = true
@@ -302,9 +301,8 @@ func (s *simulator) relayout(g *simGPU, planned []planner.Slice) {
 	}
 	g.slices = kept
 	for _, sl := range planned {
-		k := mig.Slice{Profile: sl.Profile, Start: sl.Start}
-		if !have[k] {
-			g.slices = append(g.slices, simSlice{profile: sl.Profile, start: sl.Start, pod: -1, readyAt: s.now + s.sc.ReconfigureSeconds})
+		if !have[sl.Slice] {
+			g.slices = append(g.slices, simSlice{Slice: sl.Slice, pod: -1, readyAt: s.now + s.sc.ReconfigureSeconds})
 			s.res.SlicesCreated++
 			changed = true
 		}

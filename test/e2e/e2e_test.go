@@ -21,7 +21,6 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
@@ -327,15 +326,12 @@ func TestBadInput(t *testing.T) {
 
 	// A plan nobody could have made: 3g.40gb at 2 is not a placement.
 	require.NoError(t, retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		u, err := cluster.Dynamic.Resource(v1alpha1.Resource).Get(context.Background(), "bad-1", metav1.GetOptions{})
+		np, err := cluster.Partitions.Get(context.Background(), "bad-1", metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
-		spec := map[string]any{"planID": "hand-edited", "gpus": []any{map[string]any{"index": int64(0), "slices": []any{map[string]any{"profile": "3g.40gb", "start": int64(2)}}}}}
-		if err := unstructured.SetNestedField(u.Object, spec, "spec"); err != nil {
-			return err
-		}
-		_, err = cluster.Dynamic.Resource(v1alpha1.Resource).Update(context.Background(), u, metav1.UpdateOptions{})
+		np.Spec = v1alpha1.NodePartitionSpec{PlanID: "hand-edited", GPUs: []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "3g.40gb", Start: 2}}}}}
+		_, err = cluster.Partitions.Update(context.Background(), np, metav1.UpdateOptions{})
 		return err
 	}))
 	e.waitFor(30*time.Second, "InvalidSpec condition", func() bool {

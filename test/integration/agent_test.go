@@ -13,10 +13,9 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -65,10 +64,8 @@ func (c *cluster) addNode(t *testing.T, name string, models []string, labels map
 			APIVersion: "v1", Kind: "Node", Name: name, UID: created.UID,
 		}}},
 	}
-	u := toUnstructured(t, np)
-	obj, err := c.dyn.Resource(v1alpha1.Resource).Create(ctx, u, metav1.CreateOptions{})
+	np, err = c.parts.Create(ctx, np, metav1.CreateOptions{})
 	require.NoError(t, err)
-	np = fromUnstructured(t, obj)
 	for i, model := range models {
 		np.Status.GPUs = append(np.Status.GPUs, v1alpha1.GPUStatus{
 			Index: int32(i), UUID: fmt.Sprintf("GPU-%s-%d", name, i), Model: model, MIGMode: v1alpha1.MIGEnabled,
@@ -77,10 +74,10 @@ func (c *cluster) addNode(t *testing.T, name string, models []string, labels map
 			np.Status.GPUs[i].Slices = append(np.Status.GPUs[i].Slices, v1alpha1.SliceStatus{Slice: s})
 		}
 	}
-	_, err = c.dyn.Resource(v1alpha1.Resource).UpdateStatus(ctx, toUnstructured(t, np), metav1.UpdateOptions{})
+	_, err = c.parts.UpdateStatus(ctx, np, metav1.UpdateOptions{})
 	require.NoError(t, err)
 	t.Cleanup(func() {
-		_ = c.dyn.Resource(v1alpha1.Resource).Delete(context.Background(), name, metav1.DeleteOptions{})
+		_ = c.parts.Delete(context.Background(), name, metav1.DeleteOptions{})
 	})
 }
 
@@ -121,12 +118,8 @@ func (c *cluster) startAgent(t *testing.T, nodes ...string) *fakeAgent {
 
 // sync applies the node's spec, marks used slices and advertises them.
 func (a *fakeAgent) sync(ctx context.Context, name string) error {
-	obj, err := a.c.dyn.Resource(v1alpha1.Resource).Get(ctx, name, metav1.GetOptions{})
+	np, err := a.c.parts.Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
-		return err
-	}
-	np := &v1alpha1.NodePartition{}
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj.Object, np); err != nil {
 		return err
 	}
 	before := np.Status.DeepCopy()
@@ -139,11 +132,7 @@ func (a *fakeAgent) sync(ctx context.Context, name string) error {
 	}
 	markUsed(np, pods.Items)
 	if !equality.Semantic.DeepEqual(before, &np.Status) {
-		u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(np)
-		if err != nil {
-			return err
-		}
-		if _, err := a.c.dyn.Resource(v1alpha1.Resource).UpdateStatus(ctx, &unstructured.Unstructured{Object: u}, metav1.UpdateOptions{}); err != nil {
+		if _, err := a.c.parts.UpdateStatus(ctx, np, metav1.UpdateOptions{}); err != nil {
 			return err
 		}
 	}
@@ -186,16 +175,14 @@ func (a *fakeAgent) apply(np *v1alpha1.NodePartition) {
 // profiles it requests, as kubelet allocates devices.
 func markUsed(np *v1alpha1.NodePartition, pods []v1.Pod) {
 	want := map[string]int{}
-	for _, p := range pods {
+	for i := range pods {
+		p := &pods[i]
 		if p.Status.Phase == v1.PodSucceeded || p.Status.Phase == v1.PodFailed || p.DeletionTimestamp != nil {
 			continue
 		}
-		for _, c := range p.Spec.Containers {
-			for r, q := range c.Resources.Limits {
-				if prof, err := mig.ParseResourceName(string(r)); err == nil {
-					want[prof.String()] += int(q.Value())
-				}
-			}
+		d, _ := demand.Of(p)
+		for prof, n := range d {
+			want[prof.String()] += n
 		}
 	}
 	for gi := range np.Status.GPUs {
@@ -244,21 +231,9 @@ func (a *fakeAgent) advertise(ctx context.Context, name string, np *v1alpha1.Nod
 	return err
 }
 
-func toUnstructured(t *testing.T, np *v1alpha1.NodePartition) *unstructured.Unstructured {
-	u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(np)
-	require.NoError(t, err)
-	return &unstructured.Unstructured{Object: u}
-}
-
-func fromUnstructured(t *testing.T, u *unstructured.Unstructured) *v1alpha1.NodePartition {
-	np := &v1alpha1.NodePartition{}
-	require.NoError(t, runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, np))
-	return np
-}
-
 // partition reads a node's NodePartition.
 func (c *cluster) partition(t *testing.T, name string) *v1alpha1.NodePartition {
-	u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), name, metav1.GetOptions{})
+	np, err := c.parts.Get(context.Background(), name, metav1.GetOptions{})
 	require.NoError(t, err)
-	return fromUnstructured(t, u)
+	return np
 }

@@ -26,14 +26,17 @@ import (
 	kubeconfigutil "k8s.io/kubernetes/test/utils/kubeconfig"
 	"k8s.io/utils/ptr"
 
+	"github.com/dynamig/dynamig/pkg/client"
+	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/test/local"
 )
 
 // cluster is the API server shared by the package's tests.
 type cluster struct {
-	cfg *rest.Config
-	cs  kubernetes.Interface
-	dyn dynamic.Interface
+	cfg   *rest.Config
+	cs    kubernetes.Interface
+	dyn   dynamic.Interface // for the manifests' objects of every kind
+	parts dynamigv1alpha1.NodePartitionInterface
 }
 
 // startCluster starts embedded etcd, the real kube-apiserver and the real
@@ -44,7 +47,8 @@ func startCluster(t *testing.T) *cluster {
 	storage := &storagebackend.Config{Type: "etcd3", Prefix: "/registry", Transport: storagebackend.TransportConfig{ServerList: etcd.Endpoints()}}
 	s := kubeapiservertesting.StartTestServerOrDie(t, nil, []string{"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition", "--allow-privileged=true", "--authorization-mode=RBAC"}, storage)
 	t.Cleanup(s.TearDownFn)
-	c := &cluster{cfg: s.ClientConfig, cs: kubernetes.NewForConfigOrDie(s.ClientConfig), dyn: dynamic.NewForConfigOrDie(s.ClientConfig)}
+	c := &cluster{cfg: s.ClientConfig, cs: kubernetes.NewForConfigOrDie(s.ClientConfig), dyn: dynamic.NewForConfigOrDie(s.ClientConfig),
+		parts: partitions(t, s.ClientConfig)}
 	require.NoError(t, local.InstallCRDs(context.Background(), s.ClientConfig))
 
 	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
@@ -56,6 +60,13 @@ func startCluster(t *testing.T) *cluster {
 	})
 	t.Cleanup(kcm.TearDownFn)
 	return c
+}
+
+// partitions is the NodePartition client of cfg's user.
+func partitions(t *testing.T, cfg *rest.Config) dynamigv1alpha1.NodePartitionInterface {
+	cs, err := client.New(cfg)
+	require.NoError(t, err)
+	return cs.DynamigV1alpha1().NodePartitions()
 }
 
 // schedulerConfig is the KubeSchedulerConfiguration we ship.

@@ -21,7 +21,6 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
@@ -127,13 +126,12 @@ func (c *cluster) testAgentManifests(t *testing.T) {
 		Groups:   []string{"system:serviceaccounts", "system:authenticated"},
 		Extra:    map[string][]string{"authentication.kubernetes.io/node-name": {"np-a"}},
 	}
-	asAgent := dynamic.NewForConfigOrDie(cfg).Resource(v1alpha1.Resource)
-	own := toUnstructured(t, &v1alpha1.NodePartition{TypeMeta: metav1.TypeMeta{APIVersion: v1alpha1.SchemeGroupVersion.String(), Kind: "NodePartition"}, ObjectMeta: metav1.ObjectMeta{Name: "np-a"}})
-	other := own.DeepCopy()
-	other.SetName("np-b")
+	asAgent := partitions(t, cfg)
+	own := &v1alpha1.NodePartition{ObjectMeta: metav1.ObjectMeta{Name: "np-a"}}
+	other := &v1alpha1.NodePartition{ObjectMeta: metav1.ObjectMeta{Name: "np-b"}}
 	t.Cleanup(func() {
 		for _, n := range []string{"np-a", "np-b"} {
-			_ = c.dyn.Resource(v1alpha1.Resource).Delete(context.Background(), n, metav1.DeleteOptions{})
+			_ = c.parts.Delete(context.Background(), n, metav1.DeleteOptions{})
 		}
 	})
 	// The policy takes effect once the API server has loaded it.
@@ -148,9 +146,9 @@ func (c *cluster) testAgentManifests(t *testing.T) {
 	_, err = asAgent.Update(ctx, created, metav1.UpdateOptions{})
 	require.True(t, apierrors.IsForbidden(err), "the spec is the scheduler's: %v", err)
 
-	_, err = c.dyn.Resource(v1alpha1.Resource).Create(ctx, other, metav1.CreateOptions{})
+	_, err = c.parts.Create(ctx, other, metav1.CreateOptions{})
 	require.NoError(t, err)
-	theirs, err := c.dyn.Resource(v1alpha1.Resource).Get(ctx, "np-b", metav1.GetOptions{})
+	theirs, err := c.parts.Get(ctx, "np-b", metav1.GetOptions{})
 	require.NoError(t, err)
 	_, err = asAgent.UpdateStatus(ctx, theirs, metav1.UpdateOptions{})
 	require.Error(t, err, "another node's status")

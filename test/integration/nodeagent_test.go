@@ -45,7 +45,7 @@ func (c *cluster) simNode(t *testing.T, name string, restartDelay time.Duration,
 	t.Cleanup(func() {
 		cancel()
 		_ = c.cs.CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{})
-		_ = c.dyn.Resource(v1alpha1.Resource).Delete(context.Background(), name, metav1.DeleteOptions{})
+		_ = c.parts.Delete(context.Background(), name, metav1.DeleteOptions{})
 	})
 	return n
 }
@@ -89,11 +89,11 @@ func (c *cluster) waitReported(t *testing.T, node string) *v1alpha1.NodePartitio
 	t.Helper()
 	var np *v1alpha1.NodePartition
 	waitFor(t, 20*time.Second, "NodePartition "+node+" reported", func() (bool, error) {
-		u, err := c.dyn.Resource(v1alpha1.Resource).Get(context.Background(), node, metav1.GetOptions{})
+		got, err := c.parts.Get(context.Background(), node, metav1.GetOptions{})
 		if err != nil {
 			return false, nil
 		}
-		np = fromUnstructured(t, u)
+		np = got
 		return len(np.Status.GPUs) > 0, nil
 	})
 	return np
@@ -120,7 +120,7 @@ func (c *cluster) publish(t *testing.T, node, plan string, layouts map[int32][]s
 	require.NoError(t, retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		np := c.partition(t, node)
 		np.Spec = spec
-		_, err := c.dyn.Resource(v1alpha1.Resource).Update(context.Background(), toUnstructured(t, np), metav1.UpdateOptions{})
+		_, err := c.parts.Update(context.Background(), np, metav1.UpdateOptions{})
 		return err
 	}))
 }

@@ -414,7 +414,7 @@ func (c *cluster) testCRDValidation(t *testing.T) {
 			ObjectMeta: metav1.ObjectMeta{Name: name},
 			Spec:       v1alpha1.NodePartitionSpec{PlanID: "p-1", GPUs: []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{slice}}}},
 		}
-		_, err := c.dyn.Resource(v1alpha1.Resource).Create(ctx, toUnstructured(t, np), metav1.CreateOptions{})
+		_, err := c.parts.Create(ctx, np, metav1.CreateOptions{})
 		require.Error(t, err, name)
 		assert.True(t, apierrors.IsInvalid(err), "%s: %v", name, err)
 	}

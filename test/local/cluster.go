@@ -17,13 +17,15 @@ import (
 	"sync"
 	"time"
 
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/manifests"
 	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/client"
+	"github.com/dynamig/dynamig/pkg/generated/clientset/versioned"
+	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
 
@@ -50,7 +52,8 @@ type Cluster struct {
 	Kubeconfig string
 	Config     *rest.Config
 	Kube       kubernetes.Interface
-	Dynamic    dynamic.Interface
+	Dynamig    versioned.Interface
+	Partitions dynamigv1alpha1.NodePartitionInterface // Dynamig's NodePartitions
 
 	opts    Options
 	tempDir bool
@@ -134,7 +137,9 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 	}
 	c.Kubeconfig, c.Config = c.cp.kubeconfig, c.cp.config
 	if c.Kube, err = kubernetes.NewForConfig(c.Config); err == nil {
-		c.Dynamic, err = dynamic.NewForConfig(c.Config)
+		if c.Dynamig, err = client.New(c.Config); err == nil {
+			c.Partitions = c.Dynamig.DynamigV1alpha1().NodePartitions()
+		}
 	}
 	if err == nil {
 		err = InstallCRDs(ctx, c.Config)

@@ -9,10 +9,7 @@ import (
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apiextensionsclient "k8s.io/apiextensions-apiserver/pkg/client/clientset/clientset"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -28,7 +25,6 @@ import (
 	"github.com/dynamig/dynamig/node-agent/agent"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
-	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/plugins/dynamicmig"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
@@ -80,7 +76,6 @@ func InstallCRDs(ctx context.Context, cfg *rest.Config) error {
 type Scheduler struct {
 	sched       *scheduler.Scheduler
 	factory     informers.SharedInformerFactory
-	dynFactory  dynamicinformer.DynamicSharedInformerFactory
 	broadcaster events.EventBroadcaster
 }
 
@@ -95,12 +90,7 @@ func NewScheduler(ctx context.Context, cfg *rest.Config, configFile string, opts
 	if err != nil {
 		return nil, err
 	}
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		return nil, err
-	}
 	factory := scheduler.NewInformerFactory(cs, 0, nil)
-	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	broadcaster := events.NewBroadcaster(&events.EventSinkImpl{Interface: cs.EventsV1()})
 	broadcaster.StartRecordingToSink(ctx.Done())
 	opts = append([]scheduler.Option{
@@ -110,21 +100,21 @@ func NewScheduler(ctx context.Context, cfg *rest.Config, configFile string, opts
 		scheduler.WithPodMaxBackoffSeconds(cc.PodMaxBackoffSeconds),
 		scheduler.WithFrameworkOutOfTreeRegistry(frameworkruntime.Registry{dynamicmig.Name: dynamicmig.New}),
 	}, opts...)
-	sched, err := scheduler.New(ctx, cs, factory, dynFactory, profile.NewRecorderFactory(broadcaster), opts...)
+	// No dynamic informers: DynamicMIG watches NodePartitions with its own
+	// typed informer and registers no custom-resource events.
+	sched, err := scheduler.New(ctx, cs, factory, nil, profile.NewRecorderFactory(broadcaster), opts...)
 	if err != nil {
 		broadcaster.Shutdown()
 		return nil, err
 	}
-	return &Scheduler{sched: sched, factory: factory, dynFactory: dynFactory, broadcaster: broadcaster}, nil
+	return &Scheduler{sched: sched, factory: factory, broadcaster: broadcaster}, nil
 }
 
 // Run starts the informers and schedules until ctx ends.
 func (s *Scheduler) Run(ctx context.Context) error {
 	defer s.broadcaster.Shutdown()
 	s.factory.Start(ctx.Done())
-	s.dynFactory.Start(ctx.Done())
 	s.factory.WaitForCacheSync(ctx.Done())
-	s.dynFactory.WaitForCacheSync(ctx.Done())
 	if err := s.sched.WaitForHandlersSync(ctx); err != nil {
 		return err
 	}
@@ -158,25 +148,9 @@ func RunAgent(ctx context.Context, cfg *rest.Config, n *nodesim.Node, socket str
 		return err
 	}
 	defer func() { _ = kubelet.Close() }()
-	cs, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return err
-	}
-	dyn, err := dynamic.NewForConfig(cfg)
-	if err != nil {
-		return err
-	}
-	a, err := agent.New(ac, lib, cs, dyn, kubelet)
+	a, err := agent.NewForConfig(cfg, ac, lib, kubelet)
 	if err != nil {
 		return err
 	}
 	return a.Run(ctx)
-}
-
-func decodePartition(obj map[string]any) (*v1alpha1.NodePartition, error) {
-	np := &v1alpha1.NodePartition{}
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj, np); err != nil {
-		return nil, err
-	}
-	return np, nil
 }

@@ -187,11 +187,7 @@ func waitReported(ctx context.Context, c *Cluster, node string) error {
 
 // Partition reads a node's NodePartition.
 func (c *Cluster) Partition(ctx context.Context, node string) (*v1alpha1.NodePartition, error) {
-	u, err := c.Dynamic.Resource(v1alpha1.Resource).Get(ctx, node, metav1.GetOptions{})
-	if err != nil {
-		return nil, err
-	}
-	return decodePartition(u.Object)
+	return c.Partitions.Get(ctx, node, metav1.GetOptions{})
 }
 
 // runScenario starts the scenario's nodes (its used slices held by a pod
@@ -289,16 +285,12 @@ func priorityClass(p int32) string { return "dynamig-local-priority-" + strconv.
 
 // printLayouts prints each node's GPUs and slices, used ones marked.
 func printLayouts(ctx context.Context, c *Cluster, out io.Writer) error {
-	list, err := c.Dynamic.Resource(v1alpha1.Resource).List(ctx, metav1.ListOptions{})
+	list, err := c.Partitions.List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return err
 	}
 	fmt.Fprintln(out, "final layout:")
-	for _, u := range list.Items {
-		np, err := decodePartition(u.Object)
-		if err != nil {
-			return err
-		}
+	for _, np := range list.Items {
 		for _, g := range np.Status.GPUs {
 			var ss []string
 			for _, s := range g.Slices {

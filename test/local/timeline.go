@@ -11,13 +11,11 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/generated/informers/externalversions"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -40,13 +38,13 @@ func WatchTimeline(ctx context.Context, c *Cluster, ns string, out io.Writer) *T
 	t := &Timeline{c: c, out: out, start: time.Now(), state: map[string]string{}}
 	pods := informers.NewSharedInformerFactoryWithOptions(c.Kube, 0, informers.WithNamespace(ns))
 	nodes := informers.NewSharedInformerFactory(c.Kube, 0)
-	parts := dynamicinformer.NewDynamicSharedInformerFactory(c.Dynamic, 0)
+	parts := externalversions.NewSharedInformerFactory(c.Dynamig, 0)
 	handler := func(f func(any)) cache.ResourceEventHandlerFuncs {
 		return cache.ResourceEventHandlerFuncs{AddFunc: f, UpdateFunc: func(_, obj any) { f(obj) }}
 	}
 	_, _ = pods.Core().V1().Pods().Informer().AddEventHandler(handler(t.pod))
 	_, _ = nodes.Core().V1().Nodes().Informer().AddEventHandler(handler(t.node))
-	_, _ = parts.ForResource(v1alpha1.Resource).Informer().AddEventHandler(handler(t.partition))
+	_, _ = parts.Dynamig().V1alpha1().NodePartitions().Informer().AddEventHandler(handler(t.partition))
 	pods.Start(ctx.Done())
 	nodes.Start(ctx.Done())
 	parts.Start(ctx.Done())
@@ -125,12 +123,8 @@ func (t *Timeline) node(obj any) {
 }
 
 func (t *Timeline) partition(obj any) {
-	u, ok := obj.(*unstructured.Unstructured)
+	np, ok := obj.(*v1alpha1.NodePartition)
 	if !ok {
-		return
-	}
-	np := &v1alpha1.NodePartition{}
-	if runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, np) != nil {
 		return
 	}
 	if np.Spec.PlanID != "" {

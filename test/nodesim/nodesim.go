@@ -31,11 +31,13 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/client-go/util/workqueue"
+	resourcehelper "k8s.io/component-helpers/resource"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
+	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -330,7 +332,7 @@ func (n *Node) finish(ctx context.Context, pod *v1.Pod) error {
 // requests and runs it, or fails it as kubelet does when none is free.
 func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 	key := pod.Namespace + "/" + pod.Name
-	want := requests(pod)
+	want, bad := requests(pod)
 	n.mu.Lock()
 	held := map[string]bool{}
 	for _, a := range n.allocations {
@@ -347,7 +349,7 @@ func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
 		}
 	}
 	got := map[string][]string{}
-	var short string
+	short := bad
 	for _, r := range slices.Sorted(maps.Keys(want)) {
 		for _, id := range n.advertised[r] {
 			if len(got[r]) < int(want[r]) && !held[id] && (len(pinned) == 0 || pinned[id]) {
@@ -403,17 +405,23 @@ func running(containers []v1.Container, now metav1.Time) []v1.ContainerStatus {
 	return out
 }
 
-// requests sums the MIG resources a pod's containers ask for.
-func requests(pod *v1.Pod) map[string]int64 {
-	out := map[string]int64{}
-	for _, c := range pod.Spec.Containers {
-		for r, q := range c.Resources.Limits {
-			if mig.IsMIGResource(string(r)) {
-				out[string(r)] += q.Value()
+// requests is the pod's MIG demand (demand.Of) by resource name. A MIG
+// resource that names no profile is returned as bad: no device plugin
+// advertises it, so kubelet rejects the pod for it.
+func requests(pod *v1.Pod) (map[string]int64, string) {
+	d, err := demand.Of(pod)
+	if err != nil {
+		for r := range resourcehelper.PodRequests(pod, resourcehelper.PodResourcesOptions{}) {
+			if _, perr := mig.ParseResourceName(string(r)); mig.IsMIGResource(string(r)) && perr != nil {
+				return nil, string(r)
 			}
 		}
 	}
-	return out
+	out := map[string]int64{}
+	for prof, n := range d {
+		out[prof.ResourceName()] = int64(n)
+	}
+	return out, ""
 }
 
 func (n *Node) release(key string) {
@@ -520,7 +528,7 @@ func (n *Node) advertise(ctx context.Context) error {
 			return err
 		}
 		for _, s := range ss {
-			if s.CI >= 0 && s.OtherComputeInstances == 0 {
+			if s.Advertised() {
 				r := s.Profile.ResourceName()
 				ids[r] = append(ids[r], s.UUID)
 			}

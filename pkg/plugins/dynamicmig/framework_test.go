@@ -35,6 +35,7 @@ import (
 
 	configv1 "github.com/dynamig/dynamig/pkg/apis/config/v1"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/partition"
 	"github.com/dynamig/dynamig/test/builders"
 )
 
@@ -49,13 +50,13 @@ type fakePartitions struct {
 
 func (f *fakePartitions) synced() bool { return true }
 
-func (f *fakePartitions) get(node string) (*v1alpha1.NodePartition, error) {
+func (f *fakePartitions) get(node string) *partition.Node {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if np, ok := f.objects[node]; ok {
-		return np.DeepCopy(), nil
+		return partition.Decode(np.DeepCopy())
 	}
-	return nil, nil
+	return nil
 }
 
 func (f *fakePartitions) updateSpec(_ context.Context, np *v1alpha1.NodePartition) error {
@@ -83,11 +84,11 @@ func (a *activations) Activate(_ klog.Logger, pods map[string]*v1.Pod) {
 }
 
 func testFramework(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder) {
-	fw, recorder, _ := testFrameworkWithActivations(t, parts, nodes, pods...)
+	fw, recorder, _, _ := testFrameworkWithActivations(t, parts, nodes, pods...)
 	return fw, recorder
 }
 
-func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder, *activations) {
+func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder, *activations, *DynamicMIG) {
 	_, ctx := ktesting.NewTestContext(t)
 	schedmetrics.Register() // the test queue records scheduler metrics
 	var objs []runtime.Object
@@ -101,6 +102,7 @@ func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*
 	}
 	recorder := events.NewFakeRecorder(100)
 	activated := &activations{}
+	var built *DynamicMIG
 	var bound []*v1.Pod
 	for _, p := range pods {
 		if p.Spec.NodeName != "" {
@@ -112,7 +114,9 @@ func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*
 		if err != nil {
 			return nil, err
 		}
-		return newPlugin(ctx, args, h, parts)
+		plugin, err := newPlugin(ctx, args, h, parts)
+		built = plugin
+		return plugin, err
 	}
 	fw, err := tf.NewFramework(ctx, []tf.RegisterPluginFunc{
 		tf.RegisterQueueSortPlugin(queuesort.Name, queuesort.New),
@@ -135,19 +139,19 @@ func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*
 		frameworkruntime.WithPodActivator(activated),
 	)
 	require.NoError(t, err)
-	return fw, recorder, activated
+	return fw, recorder, activated, built
 }
 
 func migNode(name string, taints ...v1.Taint) *v1.Node {
 	return &v1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"dynamig.io/partitioning": "mig"}},
 		Spec:       v1.NodeSpec{Taints: taints},
-		Status:     v1.NodeStatus{Allocatable: list("cpu", "8", "memory", "32Gi", "pods", "110")},
+		Status:     v1.NodeStatus{Allocatable: builders.Resources("cpu", "8", "memory", "32Gi", "pods", "110")},
 	}
 }
 
 func emptyA100(node string) *v1alpha1.NodePartition {
-	np := partition(nil, "", "", gpuStatus(0, "A100-80GB"))
+	np := builders.NodePartition(nil, "", "", builders.GPU(0, "A100-80GB"))
 	np.Name = node
 	return np
 }
@@ -155,7 +159,7 @@ func emptyA100(node string) *v1alpha1.NodePartition {
 func pendingPod(name string, limits v1.ResourceList) *v1.Pod {
 	return &v1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, UID: k8stypes.UID("uid-" + name)},
-		Spec:       v1.PodSpec{SchedulerName: "dynamig-scheduler", Containers: []v1.Container{container(limits)}},
+		Spec:       v1.PodSpec{SchedulerName: "dynamig-scheduler", Containers: []v1.Container{builders.Container(limits)}},
 	}
 }
 
@@ -188,7 +192,7 @@ func schedule(t *testing.T, fw framework.Framework, pod *v1.Pod, nodes []*v1.Nod
 func TestPostFilterPlansNominatesAndPublishes(t *testing.T) {
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": emptyA100("n1")}}
 	nodes := []*v1.Node{migNode("n1")}
-	pod := pendingPod("p", list("nvidia.com/mig-1g.10gb", "1"))
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
 	fw, recorder := testFramework(t, parts, nodes, pod)
 
 	result, st := schedule(t, fw, pod, nodes)
@@ -198,7 +202,7 @@ func TestPostFilterPlansNominatesAndPublishes(t *testing.T) {
 	assert.Contains(t, st.Message(), "creates 1g.10gb on n1 gpu 0")
 	require.Len(t, parts.written, 1)
 	assert.Equal(t, []string{"1g.10gb@6"}, builders.SpecLayout(parts.written[0], 0))
-	assert.NotEmpty(t, parts.written[0].Annotations[PlanTimeAnnotation])
+	assert.NotEmpty(t, parts.written[0].Annotations[partition.PlanTimeAnnotation])
 	assert.Contains(t, <-recorder.Events, ReasonPlanned)
 
 	// The same pod again: the plan is in flight, its slice planned; no new plan.
@@ -213,8 +217,8 @@ func TestPostFilterConflictPlansAgain(t *testing.T) {
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": emptyA100("n1")}}
 	parts.NextErr = apierrors.NewConflict(schema.GroupResource{Group: "dynamig.io", Resource: "nodepartitions"}, "n1", nil)
 	nodes := []*v1.Node{migNode("n1")}
-	pod := pendingPod("p", list("nvidia.com/mig-3g.40gb", "1"))
-	fw, _, activated := testFrameworkWithActivations(t, parts, nodes, pod)
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-3g.40gb", "1"))
+	fw, _, activated, _ := testFrameworkWithActivations(t, parts, nodes, pod)
 
 	result, st := schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
@@ -230,7 +234,7 @@ func TestPostFilterConflictPlansAgain(t *testing.T) {
 func TestPostFilterRespectsOtherFilters(t *testing.T) {
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"a": emptyA100("a"), "b": emptyA100("b")}}
 	nodes := []*v1.Node{migNode("a", v1.Taint{Key: "dedicated", Value: "x", Effect: v1.TaintEffectNoSchedule}), migNode("b")}
-	pod := pendingPod("p", list("nvidia.com/mig-4g.40gb", "1"))
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-4g.40gb", "1"))
 	fw, _ := testFramework(t, parts, nodes, pod)
 
 	result, st := schedule(t, fw, pod, nodes)
@@ -243,8 +247,8 @@ func TestPostFilterRespectsOtherFilters(t *testing.T) {
 func TestPostFilterPlansForOtherPendingPodsToo(t *testing.T) {
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": emptyA100("n1")}}
 	nodes := []*v1.Node{migNode("n1")}
-	first := pendingPod("first", list("nvidia.com/mig-1g.10gb", "1"))
-	second := pendingPod("second", list("nvidia.com/mig-4g.40gb", "1"))
+	first := pendingPod("first", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+	second := pendingPod("second", builders.Resources("nvidia.com/mig-4g.40gb", "1"))
 	fw, _ := testFramework(t, parts, nodes, first, second)
 
 	_, st := schedule(t, fw, first, nodes)
@@ -256,15 +260,15 @@ func TestPostFilterPlansForOtherPendingPodsToo(t *testing.T) {
 
 func TestPreFilterAndFilter(t *testing.T) {
 	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "7g.80gb", Start: 0}}}}
-	inflight := partition(spec, "p-2", "p-1", gpuStatus(0, "A100-80GB", v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 0}}))
+	inflight := builders.NodePartition(spec, "p-2", "p-1", builders.GPU(0, "A100-80GB", v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 0}}))
 	inflight.Name = "n1"
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": inflight}}
 	node := migNode("n1")
 	node.Status.Allocatable["nvidia.com/mig-1g.10gb"] = resource.MustParse("1")
 	nodes := []*v1.Node{node}
-	plain := pendingPod("plain", list("cpu", "1"))
-	bad := pendingPod("bad", list("nvidia.com/mig-9g.99gb", "1"))
-	one := pendingPod("one", list("nvidia.com/mig-1g.10gb", "1"))
+	plain := pendingPod("plain", builders.Resources("cpu", "1"))
+	bad := pendingPod("bad", builders.Resources("nvidia.com/mig-9g.99gb", "1"))
+	one := pendingPod("one", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
 	fw, recorder := testFramework(t, parts, nodes, plain, bad, one)
 	_, ctx := ktesting.NewTestContext(t)
 
@@ -292,7 +296,7 @@ func TestPreFilterAndFilter(t *testing.T) {
 	applied.Status.ObservedPlanID = "p-2"
 	parts.objects["n1"] = applied
 	assert.True(t, fw.RunFilterPlugins(ctx, state, one, ni).IsSuccess())
-	two := pendingPod("two", list("nvidia.com/mig-1g.10gb", "2"))
+	two := pendingPod("two", builders.Resources("nvidia.com/mig-1g.10gb", "2"))
 	state = framework.NewCycleState()
 	_, st, _ = fw.RunPreFilterPlugins(ctx, state, two)
 	require.True(t, st.IsSuccess())
@@ -300,4 +304,38 @@ func TestPreFilterAndFilter(t *testing.T) {
 	assert.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Equal(t, Name, st.Plugin(), "DynamicMIG is the rejector")
 	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
+}
+
+// A NodePartition change activates only the pending pods it can help: the
+// pods nominated to the node, and those asking for a profile it makes
+// available there; never every pending pod.
+func TestPartitionChangedActivatesOnlyPodsItHelps(t *testing.T) {
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{}}
+	nodes := []*v1.Node{migNode("n1")}
+	small := pendingPod("small", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+	big := pendingPod("big", builders.Resources("nvidia.com/mig-7g.80gb", "1"))
+	h100 := pendingPod("h100", builders.Resources("nvidia.com/mig-1g.12gb", "1"))
+	cpu := pendingPod("cpu", builders.Resources("cpu", "1"))
+	bound := pendingPod("bound", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+	bound.Spec.NodeName = "n1"
+	other := pendingPod("other-scheduler", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+	other.Spec.SchedulerName = "default-scheduler"
+	_, _, activated, plugin := testFrameworkWithActivations(t, parts, nodes, small, big, h100, cpu, bound, other)
+	logger, _ := ktesting.NewTestContext(t)
+
+	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "1g.10gb", Start: 0}, {Profile: "3g.40gb", Start: 4}}}}
+	inflight := builders.NodePartition(spec, "p-2", "p-1", builders.GPU(0, "A100-80GB"))
+	applied := builders.NodePartition(spec, "p-2", "p-2", builders.GPU(0, "A100-80GB", builders.Free("1g.10gb", 0), builders.Used("3g.40gb", 4)))
+	inflight.Name, applied.Name = "n1", "n1"
+
+	plugin.partitionChanged(logger, partition.Decode(inflight), partition.Decode(applied))
+	assert.ElementsMatch(t, []string{"ns/small"}, activated.pods, "a free 1g.10gb appeared: only the pod asking for it")
+
+	activated.pods = nil
+	plugin.partitionChanged(logger, partition.Decode(applied), partition.Decode(applied))
+	assert.Empty(t, activated.pods, "nothing changed")
+
+	activated.pods = nil
+	plugin.partitionChanged(logger, nil, partition.Decode(emptyA100("n2")))
+	assert.ElementsMatch(t, []string{"ns/small", "ns/big"}, activated.pods, "a new A100 can be partitioned for any A100 profile, not H100's 1g.12gb")
 }

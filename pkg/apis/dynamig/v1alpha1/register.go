@@ -12,8 +12,10 @@ const GroupName = "dynamig.io"
 // SchemeGroupVersion is dynamig.io/v1alpha1.
 var SchemeGroupVersion = schema.GroupVersion{Group: GroupName, Version: "v1alpha1"}
 
-// Resource is the NodePartition resource of this version.
-var Resource = SchemeGroupVersion.WithResource("nodepartitions")
+// Resource qualifies a resource name of this group: Resource("nodepartitions").
+func Resource(resource string) schema.GroupResource {
+	return SchemeGroupVersion.WithResource(resource).GroupResource()
+}
 
 var (
 	schemeBuilder = runtime.NewSchemeBuilder(addKnownTypes)

@@ -7,6 +7,8 @@ import (
 // NodePartition is the MIG layout of one node: desired in spec, actual in
 // status. It is cluster-scoped, named after its Node and owned by it.
 //
+// +genclient
+// +genclient:nonNamespaced
 // +kubebuilder:object:root=true
 // +kubebuilder:resource:scope=Cluster,shortName=np
 // +kubebuilder:subresource:status

@@ -1,4 +1,7 @@
-package dynamicmig
+// Package demand reads a pod's MIG request: the one function the
+// scheduler plugin, the stand-in kubelet and the tests use to say how many
+// slices of which profile a pod holds on its node.
+package demand
 
 import (
 	"errors"
@@ -12,16 +15,18 @@ import (
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
-// Demand is a pod's MIG request: slices per profile, all on one node.
+// Demand is a pod's MIG request: slices per profile, all on one node,
+// e.g. {1g.10gb: 2, 3g.40gb: 1}.
 type Demand map[mig.ProfileName]int
 
-// podDemand reads a pod's MIG request the way kubelet and NodeResourcesFit
+// Of reads a pod's MIG request the way kubelet and NodeResourcesFit
 // count it: the larger of the init containers and the app containers plus
-// sidecars (requests default from limits for extended resources). A
+// sidecars. It reads requests: the API server defaults an extended
+// resource's request from its limit, so a stored pod always has them. A
 // resource in the MIG namespace that does not name a profile is an error
 // naming the resource.
-func podDemand(pod *v1.Pod) (Demand, error) {
-	if !asksForMIG(pod) {
+func Of(pod *v1.Pod) (Demand, error) {
+	if !AsksForMIG(pod) {
 		return nil, nil // the common case: no allocation, no request arithmetic
 	}
 	var d Demand
@@ -48,8 +53,9 @@ func podDemand(pod *v1.Pod) (Demand, error) {
 	return d, nil
 }
 
-// asksForMIG reports whether any container names a MIG resource.
-func asksForMIG(pod *v1.Pod) bool {
+// AsksForMIG reports whether any container names a MIG resource,
+// well-formed or not; Of says how many slices of which profile.
+func AsksForMIG(pod *v1.Pod) bool {
 	for _, cs := range [][]v1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
 		for _, c := range cs {
 			for _, l := range []v1.ResourceList{c.Resources.Requests, c.Resources.Limits} {

@@ -1,0 +1,269 @@
+package agent
+
+import (
+	"errors"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// a100 is an A100-SXM4-80GB at index with MIG on, as observed: its
+// catalog model and profiles, and the slices.
+func a100(t *testing.T, index int, slices ...ObservedSlice) Observed {
+	t.Helper()
+	m, err := mig.ModelByName("A100-80GB")
+	require.NoError(t, err)
+	o := obs(index, slices...)
+	o.GPU.Name, o.GPU.PCIDeviceID, o.GPU.UUID = "NVIDIA A100-SXM4-80GB", 0x20B210DE, "GPU-a100"
+	o.Model, o.Profiles = m, m.Profiles
+	return o
+}
+
+// spec is a NodePartition whose spec is plan with the layouts, in order.
+func spec(plan string, layouts ...v1alpha1.GPULayout) *v1alpha1.NodePartition {
+	np := &v1alpha1.NodePartition{ObjectMeta: metav1.ObjectMeta{Name: "node-a", UID: "np-uid", Generation: 3}}
+	np.Spec = v1alpha1.NodePartitionSpec{PlanID: plan, GPUs: layouts}
+	return np
+}
+
+// layout is a GPU's layout in a spec, from "profile@start" strings.
+func layout(index int32, slices ...string) v1alpha1.GPULayout {
+	g := v1alpha1.GPULayout{Index: index, Slices: []v1alpha1.Slice{}}
+	for _, s := range slices {
+		p, start, _ := strings.Cut(s, "@")
+		n, _ := strconv.Atoi(start)
+		g.Slices = append(g.Slices, v1alpha1.Slice{Profile: p, Start: int32(n)})
+	}
+	return g
+}
+
+func TestDecide(t *testing.T) {
+	off := a100(t, 1)
+	off.GPU.MIG = gpu.MIGMode{}
+	off.Model, off.Profiles = nil, nil
+	noProfiles := a100(t, 1)
+	noProfiles.Model, noProfiles.ModelErr = nil, errors.New("gpu 1: reading GPU-instance profile 0: Unknown Error")
+	tests := []struct {
+		name      string
+		np        *v1alpha1.NodePartition
+		observed  []Observed
+		kubelet   error
+		steps     []Step
+		conflicts []Conflict
+	}{{
+		name:     "no plan: nothing to do",
+		np:       spec(""),
+		observed: []Observed{a100(t, 0, have("1g.10gb", 0, ""))},
+	}, {
+		name:     "a valid layout becomes steps",
+		np:       spec("p-1", layout(0, "3g.40gb@4", "1g.10gb@0")),
+		observed: []Observed{a100(t, 0, have("7g.80gb", 0, ""))},
+		steps:    []Step{{Destroy, 0, sl("7g.80gb", 0)}, {Create, 0, sl("1g.10gb", 0)}, {Create, 0, sl("3g.40gb", 4)}},
+	}, {
+		name:     "a profile the GPU does not offer: refused, the other GPU proceeds",
+		np:       spec("p-1", layout(0, "3g.20gb@0"), layout(1, "7g.80gb@0")),
+		observed: []Observed{a100(t, 0), a100(t, 1)},
+		steps:    []Step{{Create, 1, sl("7g.80gb", 0)}},
+		conflicts: []Conflict{{0, ReasonInvalidSpec, "gpu 0: the plan's layout is not valid here: invalid MIG layout: " +
+			"3g.20gb does not exist on A100-80GB (profiles: 1g.10gb, 1g.10gb+me, 1g.20gb, 2g.20gb, 3g.40gb, 4g.40gb, 7g.80gb)"}},
+	}, {
+		name:     "overlapping slices: refused",
+		np:       spec("p-1", layout(0, "4g.40gb@0", "3g.40gb@0")),
+		observed: []Observed{a100(t, 0)},
+		conflicts: []Conflict{{0, ReasonInvalidSpec, "gpu 0: the plan's layout is not valid here: invalid MIG layout: " +
+			"3g.40gb@0: 3g.40gb@0 overlaps memory slices already occupied"}},
+	}, {
+		name:     "a malformed profile name: refused",
+		np:       spec("p-1", layout(0, "3g.40@4")),
+		observed: []Observed{a100(t, 0)},
+		conflicts: []Conflict{{0, ReasonInvalidSpec, "gpu 0: the plan's layout is not valid here: " +
+			`invalid MIG profile "3g.40": missing "gb" after the memory size (want <compute>g.<memory>gb[suffix], e.g. 1g.10gb or 1g.10gb+me)`}},
+	}, {
+		name:     "profiles NVML could not list: refused with NVML's error",
+		np:       spec("p-1", layout(1, "7g.80gb@0")),
+		observed: []Observed{noProfiles},
+		conflicts: []Conflict{{1, ReasonInvalidSpec,
+			"gpu 1: the plan's layout is not valid here: gpu 1: reading GPU-instance profile 0: Unknown Error"}},
+	}, {
+		name:     "MIG off: Diff's conflict, not a layout check",
+		np:       spec("p-1", layout(1, "7g.80gb@0")),
+		observed: []Observed{a100(t, 0), off},
+		conflicts: []Conflict{{1, ReasonMIGDisabled, "gpu 1: MIG mode is disabled: drain the node, run `nvidia-smi -i 1 -mig 1` " +
+			"(then reset the GPU or reboot if it says so); dynamig never changes MIG mode itself"}},
+	}, {
+		name:     "invalid layouts come first, in the spec's order, then Diff's conflicts",
+		np:       spec("p-1", layout(1, "3g.20gb@0"), layout(0, "7g.80gb@0")),
+		observed: []Observed{a100(t, 0, have("1g.10gb", 0, "team/a")), a100(t, 1)},
+		conflicts: []Conflict{
+			{1, ReasonInvalidSpec, "gpu 1: the plan's layout is not valid here: invalid MIG layout: " +
+				"3g.20gb does not exist on A100-80GB (profiles: 1g.10gb, 1g.10gb+me, 1g.20gb, 2g.20gb, 3g.40gb, 4g.40gb, 7g.80gb)"},
+			{0, ReasonSliceInUse, "gpu 0: not changed: 1g.10gb@0 (MIG-1g.10gb) is used by pod team/a"},
+		},
+	}, {
+		name:     "kubelet unreachable: nothing destroyed",
+		np:       spec("p-1", layout(0, "7g.80gb@0")),
+		observed: []Observed{a100(t, 0, have("1g.10gb", 0, ""))},
+		kubelet:  errors.New("connection refused"),
+		conflicts: []Conflict{{0, ReasonKubeletUnreachable,
+			"gpu 0: not changed: 1g.10gb@0 (MIG-1g.10gb) may be in use: kubelet could not be asked"}},
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := decide(tt.np, observation{gpus: tt.observed, kubeletErr: tt.kubelet})
+			opt := cmp.Comparer(func(a, b mig.ProfileName) bool { return a == b })
+			if diff := cmp.Diff(tt.steps, d.steps, opt); diff != "" {
+				t.Errorf("steps (-want +got):\n%s", diff)
+			}
+			if diff := cmp.Diff(tt.conflicts, d.conflicts); diff != "" {
+				t.Errorf("conflicts (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestReport(t *testing.T) {
+	earlier := metav1.NewTime(time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC))
+	now := metav1.NewTime(earlier.Add(time.Hour))
+	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", UID: "node-uid"}}
+	npRef := &v1.ObjectReference{APIVersion: "dynamig.io/v1alpha1", Kind: "NodePartition", Name: "node-a", UID: "np-uid"}
+	nodeRef := &v1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: "node-a", UID: "node-uid"}
+	forgetFailed := event{once: v1alpha1.ConditionFailed, forget: true}
+
+	// One GPU with MIG on offering one profile, one with MIG off.
+	on := a100(t, 0, have("1g.10gb", 0, "team/a"), have("1g.10gb", 1, ""))
+	on.Profiles = on.Profiles[:1]
+	off := Observed{GPU: gpu.GPU{Index: 1, UUID: "GPU-off", Name: "NVIDIA A100-SXM4-80GB", PCIDeviceID: 0x20B210DE}}
+	observed := &observation{gpus: []Observed{on, off}}
+	gpus := []v1alpha1.GPUStatus{{
+		Index: 0, UUID: "GPU-a100", Model: "A100-80GB", MIGMode: v1alpha1.MIGEnabled,
+		Profiles: []v1alpha1.ProfileStatus{{Name: "1g.10gb", MemorySlices: 1, MaxCount: 7, Starts: []int32{0, 1, 2, 3, 4, 5, 6}}},
+		Slices: []v1alpha1.SliceStatus{
+			{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 0}, UUID: "MIG-1g.10gb", Used: true},
+			{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 1}, UUID: "MIG-1g.10gb"},
+		},
+	}, {Index: 1, UUID: "GPU-off", Model: "A100-80GB", MIGMode: v1alpha1.MIGDisabled}}
+	migOff := event{once: "mig/GPU-off", ref: nodeRef, kind: v1.EventTypeWarning, reason: ReasonMIGDisabled, message: migDisabled(off.GPU)}
+
+	cond := func(kind string, status metav1.ConditionStatus, reason, msg string, at metav1.Time) metav1.Condition {
+		return metav1.Condition{Type: kind, Status: status, Reason: reason, Message: msg, ObservedGeneration: 3, LastTransitionTime: at}
+	}
+	withStatus := func(np *v1alpha1.NodePartition, observedPlan string, conds ...metav1.Condition) *v1alpha1.NodePartition {
+		np.Status = v1alpha1.NodePartitionStatus{ObservedPlanID: observedPlan, GPUs: gpus[:1], Conditions: conds}
+		return np
+	}
+	create := Step{Create, 0, sl("1g.10gb", 1)}
+	inUse := Conflict{0, ReasonSliceInUse, "gpu 0: not changed: 1g.10gb@0 (MIG-1g.10gb) is used by pod team/a"}
+	noGPU := Conflict{2, ReasonNoSuchGPU, "gpu 2: no MIG-capable GPU with this index on the node"}
+
+	tests := []struct {
+		name   string
+		np     *v1alpha1.NodePartition
+		obs    *observation
+		out    outcome
+		status v1alpha1.NodePartitionStatus
+		events []event
+	}{{
+		name: "no plan: reports what exists; MIG off is a Node event",
+		np:   spec(""),
+		obs:  observed,
+		status: v1alpha1.NodePartitionStatus{ObservedGeneration: 3, GPUs: gpus, Conditions: []metav1.Condition{
+			cond(v1alpha1.ConditionApplied, metav1.ConditionTrue, ReasonNoPlan, "no plan yet; the status reports what exists", now),
+			cond(v1alpha1.ConditionFailed, metav1.ConditionFalse, ReasonNoPlan, "", now),
+		}},
+		events: []event{migOff, forgetFailed},
+	}, {
+		name: "applied: observedPlanID moves, the steps in an Applied event",
+		np: withStatus(spec("p-1", layout(0, "1g.10gb@0", "1g.10gb@1")), "p-0",
+			cond(v1alpha1.ConditionApplied, metav1.ConditionTrue, ReasonApplied, "plan p-0: layout applied and advertised", earlier)),
+		obs: &observation{gpus: []Observed{on}},
+		out: outcome{steps: []Step{create}},
+		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+			cond(v1alpha1.ConditionApplied, metav1.ConditionTrue, ReasonApplied, "plan p-1: layout applied and advertised", earlier),
+			cond(v1alpha1.ConditionFailed, metav1.ConditionFalse, ReasonApplied, "", now),
+		}},
+		events: []event{forgetFailed, {ref: npRef, kind: v1.EventTypeNormal, reason: ReasonApplied,
+			message: "plan p-1: create 1g.10gb@1 on gpu 0; the device plugin advertises the slices"}},
+	}, {
+		name: "conflicts: the plan is done with, not applied; the first conflict's reason",
+		np:   withStatus(spec("p-2", layout(0, "7g.80gb@0")), "p-1"),
+		obs:  &observation{gpus: []Observed{on}},
+		out:  outcome{conflicts: []Conflict{inUse, noGPU}},
+		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-2", ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+			cond(v1alpha1.ConditionApplied, metav1.ConditionFalse, ReasonSliceInUse, "plan p-2 not fully applied: "+inUse.Message+"; "+noGPU.Message, now),
+			cond(v1alpha1.ConditionFailed, metav1.ConditionTrue, ReasonSliceInUse, "plan p-2 not fully applied: "+inUse.Message+"; "+noGPU.Message, now),
+		}},
+		events: []event{{once: v1alpha1.ConditionFailed, ref: npRef, kind: v1.EventTypeWarning, reason: ReasonSliceInUse,
+			message: "plan p-2 not fully applied: " + inUse.Message + "; " + noGPU.Message}},
+	}, {
+		name: "a failure to retry: observedPlanID stays, no Applied event for the steps done",
+		np:   withStatus(spec("p-2", layout(0, "1g.10gb@0", "1g.10gb@1")), "p-1"),
+		obs:  &observation{gpus: []Observed{on}},
+		out:  outcome{steps: []Step{create}, err: errors.New("the device plugin did not re-advertise"), reason: ReasonDevicePluginTimeout},
+		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+			cond(v1alpha1.ConditionApplied, metav1.ConditionFalse, ReasonApplying, "plan p-2: retrying after: the device plugin did not re-advertise", now),
+			cond(v1alpha1.ConditionFailed, metav1.ConditionTrue, ReasonDevicePluginTimeout, "the device plugin did not re-advertise", now),
+		}},
+		events: []event{{once: v1alpha1.ConditionFailed, ref: npRef, kind: v1.EventTypeWarning, reason: ReasonDevicePluginTimeout,
+			message: "the device plugin did not re-advertise"}},
+	}, {
+		name: "nothing observed (fail): the last reported GPUs are kept",
+		np:   withStatus(spec(""), ""),
+		out:  outcome{err: errors.New("reading the GPUs: NVML: unknown error"), reason: ReasonNVMLError},
+		status: v1alpha1.NodePartitionStatus{ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+			cond(v1alpha1.ConditionApplied, metav1.ConditionFalse, ReasonApplying, "plan (none): retrying after: reading the GPUs: NVML: unknown error", now),
+			cond(v1alpha1.ConditionFailed, metav1.ConditionTrue, ReasonNVMLError, "reading the GPUs: NVML: unknown error", now),
+		}},
+		events: []event{{once: v1alpha1.ConditionFailed, ref: npRef, kind: v1.EventTypeWarning, reason: ReasonNVMLError,
+			message: "reading the GPUs: NVML: unknown error"}},
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := tt.np.DeepCopy()
+			st, events := report(tt.np, node, tt.obs, tt.out, now)
+			if d := cmp.Diff(tt.status, st); d != "" {
+				t.Errorf("status (-want +got):\n%s", d)
+			}
+			if d := cmp.Diff(tt.events, events, cmp.AllowUnexported(event{})); d != "" {
+				t.Errorf("events (-want +got):\n%s", d)
+			}
+			assert.Equal(t, before, tt.np, "report modified the NodePartition")
+		})
+	}
+}
+
+// emit records an event under a key only when it says something new
+// there, and again after the key was forgotten; other events always.
+func TestEmit(t *testing.T) {
+	rec := record.NewFakeRecorder(10)
+	a := &Agent{recorder: rec, lastMsg: map[string]string{}}
+	ref := &v1.ObjectReference{Kind: "NodePartition", Name: "node-a"}
+	failed := func(msg string) event {
+		return event{once: v1alpha1.ConditionFailed, ref: ref, kind: v1.EventTypeWarning, reason: ReasonNVMLError, message: msg}
+	}
+	applied := event{ref: ref, kind: v1.EventTypeNormal, reason: ReasonApplied, message: "plan p-1: done"}
+	a.emit([]event{failed("a"), applied})
+	a.emit([]event{failed("a"), applied})
+	a.emit([]event{failed("b")})
+	a.emit([]event{{once: v1alpha1.ConditionFailed, forget: true}, failed("b")})
+	close(rec.Events)
+	var got []string
+	for e := range rec.Events {
+		got = append(got, e)
+	}
+	assert.Equal(t, []string{
+		"Warning NVMLError a", "Normal Applied plan p-1: done", "Normal Applied plan p-1: done",
+		"Warning NVMLError b", "Warning NVMLError b",
+	}, got)
+}

@@ -1,0 +1,253 @@
+// Package partition is the one conversion between the NodePartition API
+// (dynamig.io/v1alpha1) and dynamig's domain types: layouts as []mig.Slice,
+// offered profiles as []mig.Profile, a GPU's model as *mig.Model. The
+// scheduler decodes each NodePartition once per resourceVersion (Decode);
+// the scheduler encodes layouts into the spec (SetLayouts) and the node
+// agent encodes what it observed into the status (EncodeGPU).
+//
+// A decoded example: a NodePartition whose status reports an A100-80GB at
+// index 0 with 3g.40gb@4 held by a pod, and whose spec (plan p-7, not yet
+// observed) wants [1g.10gb@0 1g.10gb@1 3g.40gb@4], decodes to InFlight, GPU
+// 0 with Slices [3g.40gb@4 used] and Desired [1g.10gb@0 1g.10gb@1
+// 3g.40gb@4], and Kept {3g.40gb: 1}: the 1g slices do not exist yet.
+package partition
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// PlanTimeAnnotation records on a NodePartition when the scheduler
+// published its spec (RFC 3339, UTC): the start of the plan's clock.
+const PlanTimeAnnotation = "dynamig.io/plan-time"
+
+// Node is a NodePartition decoded: what the scheduler reads of it in
+// Filter, in its requeue decisions and when it plans.
+type Node struct {
+	// Object is the API object decoded, shared with the informer: never
+	// modify it.
+	Object *v1alpha1.NodePartition
+	// PlanID is spec.planID; InFlight is true while the agent has not
+	// observed it yet; PlanTime is when it was published (zero if unknown).
+	PlanID   string
+	InFlight bool
+	PlanTime time.Time
+	// GPUs are the GPUs the status reports, in index order.
+	GPUs []GPU
+	// Kept counts, per profile, the slices that exist and that the spec
+	// keeps: on the GPUs the spec lists, those at the same placement; on
+	// the others, all. A slice the spec is about to create does not count
+	// until it exists, nor one it replaces by another of the same profile.
+	Kept map[mig.ProfileName]int
+	// Used counts the slices a container holds.
+	Used int
+	// Err says why the node cannot be planned with: a malformed status or
+	// spec, an invalid layout, or no GPU with MIG enabled and a known model.
+	Err error
+}
+
+// GPU is one GPU of a NodePartition, status and spec together.
+type GPU struct {
+	Index   int
+	UUID    string
+	MIGMode v1alpha1.MIGMode
+	// Model is the GPU's model (mig.ResolveModel of the status's model
+	// name and discovered profiles); nil if nobody can plan for it.
+	Model *mig.Model
+	// Slices exist on the GPU.
+	Slices []Slice
+	// Desired is the spec's complete layout of the GPU; Listed is false
+	// when the spec does not list the GPU (it keeps its slices).
+	Desired []mig.Slice
+	Listed  bool
+}
+
+// Slice is a slice that exists: a profile at a start, its MIG device UUID
+// and whether a container holds it.
+type Slice struct {
+	mig.Slice
+	UUID string
+	Used bool
+}
+
+// Plannable reports whether the planner may change the GPU: MIG enabled
+// and a model known.
+func (g *GPU) Plannable() bool { return g.MIGMode == v1alpha1.MIGEnabled && g.Model != nil }
+
+// Start is the layout planning starts from: the spec's, when its plan is
+// in flight and lists the GPU (the agent is creating it), else what
+// exists; a slice is used if the status says so.
+func (g *GPU) Start(inFlight bool) []Slice {
+	if !inFlight || !g.Listed {
+		return g.Slices
+	}
+	used := map[mig.Slice]bool{}
+	for _, s := range g.Slices {
+		used[s.Slice] = s.Used
+	}
+	out := make([]Slice, len(g.Desired))
+	for i, s := range g.Desired {
+		out[i] = Slice{Slice: s, Used: used[s]}
+	}
+	return out
+}
+
+// Decode converts a NodePartition for the scheduler. It never fails: what
+// cannot be decoded or planned with is in Err. (The agent reads the spec
+// with DesiredLayouts, which reports a malformed GPU layout per GPU.)
+func Decode(np *v1alpha1.NodePartition) *Node {
+	n := &Node{Object: np, PlanID: np.Spec.PlanID, Kept: map[mig.ProfileName]int{}}
+	n.InFlight = np.Spec.PlanID != "" && np.Spec.PlanID != np.Status.ObservedPlanID
+	if t, err := time.Parse(time.RFC3339Nano, np.Annotations[PlanTimeAnnotation]); err == nil {
+		n.PlanTime = t
+	}
+	desired, specErrs := DesiredLayouts(np)
+	var errs []error
+	for _, gs := range np.Status.GPUs {
+		g, err := decodeGPU(gs)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("gpu %d: %w", gs.Index, err))
+		}
+		g.Desired, g.Listed = desired[g.Index]
+		if err := specErrs[g.Index]; err != nil && n.InFlight {
+			errs = append(errs, fmt.Errorf("gpu %d: spec: %w", g.Index, err))
+		}
+		want := map[mig.Slice]bool{}
+		for _, s := range g.Desired {
+			want[s] = true
+		}
+		for _, s := range g.Slices {
+			if !g.Listed || want[s.Slice] {
+				n.Kept[s.Profile]++
+			}
+			if s.Used {
+				n.Used++
+			}
+		}
+		if g.Plannable() {
+			if err := g.Model.Validate(mig.LayoutOf(g.Start(n.InFlight))); err != nil {
+				errs = append(errs, fmt.Errorf("gpu %d: %w", g.Index, err))
+			}
+		}
+		n.GPUs = append(n.GPUs, g)
+	}
+	sort.Slice(n.GPUs, func(i, j int) bool { return n.GPUs[i].Index < n.GPUs[j].Index })
+	n.Err = errors.Join(errs...)
+	if n.Err == nil && !n.plannable() {
+		n.Err = errors.New("no GPU with MIG enabled and a known model")
+	}
+	return n
+}
+
+func (n *Node) plannable() bool {
+	for i := range n.GPUs {
+		if n.GPUs[i].Plannable() {
+			return true
+		}
+	}
+	return false
+}
+
+func decodeGPU(gs v1alpha1.GPUStatus) (GPU, error) {
+	g := GPU{Index: int(gs.Index), UUID: gs.UUID, MIGMode: gs.MIGMode}
+	profiles, err := Profiles(gs.Profiles)
+	if err != nil {
+		return g, err
+	}
+	if g.Model, err = mig.ResolveModel(gs.Model, 0, profiles); err != nil {
+		return g, err
+	}
+	for _, s := range gs.Slices {
+		p, err := mig.ParseProfile(s.Profile)
+		if err != nil {
+			return g, err
+		}
+		g.Slices = append(g.Slices, Slice{Slice: mig.Slice{Profile: p, Start: int(s.Start)}, UUID: s.UUID, Used: s.Used})
+	}
+	return g, nil
+}
+
+// DesiredLayouts decodes the spec: the layout of each GPU it lists, and,
+// for a GPU whose layout names a malformed profile, the error instead.
+func DesiredLayouts(np *v1alpha1.NodePartition) (map[int][]mig.Slice, map[int]error) {
+	layouts := map[int][]mig.Slice{}
+	errs := map[int]error{}
+	for _, g := range np.Spec.GPUs {
+		layout := make([]mig.Slice, 0, len(g.Slices))
+		for _, s := range g.Slices {
+			p, err := mig.ParseProfile(s.Profile)
+			if err != nil {
+				errs[int(g.Index)] = err
+				break
+			}
+			layout = append(layout, mig.Slice{Profile: p, Start: int(s.Start)})
+		}
+		if errs[int(g.Index)] == nil {
+			layouts[int(g.Index)] = layout
+		}
+	}
+	return layouts, errs
+}
+
+// Profiles decodes the profiles a GPU's status says NVML offers.
+func Profiles(ps []v1alpha1.ProfileStatus) ([]mig.Profile, error) {
+	out := make([]mig.Profile, len(ps))
+	for i, p := range ps {
+		name, err := mig.ParseProfile(p.Name)
+		if err != nil {
+			return nil, err
+		}
+		starts := make([]int, len(p.Starts))
+		for j, st := range p.Starts {
+			starts[j] = int(st)
+		}
+		out[i] = mig.Profile{Name: name, ComputeSlices: name.Compute, MemorySlices: int(p.MemorySlices), MaxCount: int(p.MaxCount), Starts: starts}
+	}
+	return out, nil
+}
+
+// SetLayouts writes a plan into a NodePartition's spec: its ID, when it was
+// published, and the complete layout of each GPU it lists, by index.
+func SetLayouts(np *v1alpha1.NodePartition, planID string, at time.Time, layouts map[int][]mig.Slice) {
+	np.Spec.PlanID = planID
+	np.Spec.GPUs = make([]v1alpha1.GPULayout, 0, len(layouts))
+	for _, i := range slices.Sorted(maps.Keys(layouts)) {
+		gl := v1alpha1.GPULayout{Index: int32(i), Slices: make([]v1alpha1.Slice, len(layouts[i]))}
+		for j, s := range layouts[i] {
+			gl.Slices[j] = apiSlice(s)
+		}
+		np.Spec.GPUs = append(np.Spec.GPUs, gl)
+	}
+	if np.Annotations == nil {
+		np.Annotations = map[string]string{}
+	}
+	np.Annotations[PlanTimeAnnotation] = at.UTC().Format(time.RFC3339Nano)
+}
+
+// EncodeGPU is a GPU's status from what the agent observed: its identity,
+// MIG mode, the profiles NVML offers (nil with MIG off) and its slices.
+func EncodeGPU(index int, uuid, model string, mode v1alpha1.MIGMode, profiles []mig.Profile, slices []Slice) v1alpha1.GPUStatus {
+	g := v1alpha1.GPUStatus{Index: int32(index), UUID: uuid, Model: model, MIGMode: mode}
+	for _, p := range profiles {
+		ps := v1alpha1.ProfileStatus{Name: p.Name.String(), MemorySlices: int32(p.MemorySlices), MaxCount: int32(p.MaxCount)}
+		for _, s := range p.Starts {
+			ps.Starts = append(ps.Starts, int32(s))
+		}
+		g.Profiles = append(g.Profiles, ps)
+	}
+	for _, s := range slices {
+		g.Slices = append(g.Slices, v1alpha1.SliceStatus{Slice: apiSlice(s.Slice), UUID: s.UUID, Used: s.Used})
+	}
+	return g
+}
+
+func apiSlice(s mig.Slice) v1alpha1.Slice {
+	return v1alpha1.Slice{Profile: s.Profile.String(), Start: int32(s.Start)}
+}

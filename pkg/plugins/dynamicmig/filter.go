@@ -1,0 +1,101 @@
+package dynamicmig
+
+import (
+	"context"
+	"fmt"
+
+	v1 "k8s.io/api/core/v1"
+	fwk "k8s.io/kube-scheduler/framework"
+
+	"github.com/dynamig/dynamig/pkg/demand"
+)
+
+const (
+	stateKey    fwk.StateKey = "PreFilter" + Name
+	simulateKey fwk.StateKey = Name + "/simulate"
+)
+
+// preFilterState is the pod's MIG demand.
+type preFilterState struct{ demand demand.Demand }
+
+// Clone implements fwk.StateData; the demand is never modified.
+func (s *preFilterState) Clone() fwk.StateData { return s }
+
+func getState(state fwk.CycleState) (*preFilterState, error) {
+	d, err := state.Read(stateKey)
+	if err != nil {
+		return nil, fmt.Errorf("reading %q from the cycle state: %w", stateKey, err)
+	}
+	s, ok := d.(*preFilterState)
+	if !ok {
+		return nil, fmt.Errorf("%q holds %T, not the DynamicMIG pre-filter state", stateKey, d)
+	}
+	return s, nil
+}
+
+// simulating marks a cycle state used to ask the other filters whether a
+// pod could run on a node if the node had the MIG slices it needs; the
+// plugin's own Filter passes in it.
+type simulating struct{}
+
+func (s simulating) Clone() fwk.StateData { return s }
+
+// PreFilter reads the pod's MIG demand. Pods without one are skipped (their
+// Filter is not run and PostFilter returns at once). A malformed MIG
+// resource name is UnschedulableAndUnresolvable with an event: no layout
+// can serve it.
+func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, _ []fwk.NodeInfo) (*fwk.PreFilterResult, *fwk.Status) {
+	p.scheduling.Store(true)
+	d, err := demand.Of(pod)
+	if err != nil {
+		if _, simErr := state.Read(simulateKey); simErr != nil { // the pod's own cycle
+			p.h.EventRecorder().Eventf(pod, nil, v1.EventTypeWarning, ReasonInvalidRequest, "Scheduling", "%v", err)
+		}
+		return nil, fwk.NewStatus(fwk.UnschedulableAndUnresolvable, err.Error())
+	}
+	if len(d) == 0 {
+		return nil, fwk.NewStatus(fwk.Skip)
+	}
+	state.Write(stateKey, &preFilterState{demand: d})
+	return nil, nil
+}
+
+// PreFilterExtensions implements fwk.PreFilterPlugin.
+func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil }
+
+// Filter rejects a node without enough free slices of the pod's profiles,
+// so that DynamicMIG is among the pod's rejectors and its queueing hints
+// (slices freed, plan applied) requeue it; NodeResourcesFit's hints alone
+// would wait for allocatable to grow, which no repartition of freed
+// slices causes. On a node whose published plan is not applied yet, only
+// slices that exist and that the plan keeps count (partition.Node.Kept):
+// kubelet may still advertise slices that are about to go.
+func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, ni fwk.NodeInfo) *fwk.Status {
+	if _, err := state.Read(simulateKey); err == nil {
+		return nil
+	}
+	s, err := getState(state)
+	if err != nil {
+		return fwk.AsStatus(err)
+	}
+	node := ni.Node()
+	part := p.partitions.get(node.Name)
+	inFlight := part != nil && part.InFlight
+	requested := ni.GetRequested().GetScalarResources()
+	allocatable := ni.GetAllocatable().GetScalarResources()
+	for prof, want := range s.demand {
+		r := v1.ResourceName(prof.ResourceName())
+		usable := allocatable[r]
+		if inFlight {
+			usable = min(usable, int64(part.Kept[prof]))
+		}
+		if usable-requested[r] >= int64(want) {
+			continue
+		}
+		if inFlight {
+			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", prof, node.Name, part.PlanID))
+		}
+		return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))
+	}
+	return nil
+}

@@ -1,0 +1,226 @@
+package dynamicmig
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/klog/v2"
+	fwk "k8s.io/kube-scheduler/framework"
+	"k8s.io/kubernetes/pkg/scheduler/framework"
+
+	"github.com/dynamig/dynamig/pkg/demand"
+	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/partition"
+	"github.com/dynamig/dynamig/pkg/planner"
+)
+
+// view is one planned-for node: its scheduler NodeInfo, decoded
+// NodePartition and the layout the planner starts from.
+type view struct {
+	ni   fwk.NodeInfo
+	part *partition.Node
+	node planner.Node
+}
+
+// views lists the nodes the plan may change: selected by the node
+// selector, with a NodePartition whose status reports GPUs, not stale, and
+// usable for planning; at most MaxNodesPerPlan, in name order.
+func (p *DynamicMIG) views(logger klog.Logger) map[string]*view {
+	infos, err := p.h.SnapshotSharedLister().NodeInfos().List()
+	if err != nil {
+		logger.Error(err, "listing nodes")
+		return nil
+	}
+	sort.Slice(infos, func(i, j int) bool { return infos[i].Node().Name < infos[j].Node().Name })
+	out := map[string]*view{}
+	for _, ni := range infos {
+		node := ni.Node()
+		if !p.selector.Matches(labels.Set(node.Labels)) {
+			continue
+		}
+		part := p.partitions.get(node.Name)
+		if part == nil || len(part.GPUs) == 0 {
+			continue // the agent has not reported this node yet
+		}
+		if part.InFlight && !part.PlanTime.IsZero() && p.now().Sub(part.PlanTime) > p.args.PlanTimeout {
+			logger.V(2).Info("plan not applied in time; planning around the node", "node", node.Name, "plan", part.PlanID, "published", part.PlanTime)
+			p.h.EventRecorder().Eventf(node, nil, v1.EventTypeWarning, ReasonPlanNotApplied, "Scheduling",
+				"plan %s published %s ago is not applied (planTimeout %s); dynamig plans around this node until its agent reports it", part.PlanID, p.now().Sub(part.PlanTime).Round(time.Second), p.args.PlanTimeout)
+			continue
+		}
+		if part.Err != nil {
+			logger.V(2).Info("NodePartition status is not usable; planning around the node", "node", node.Name, "err", part.Err)
+			continue
+		}
+		out[node.Name] = &view{ni: ni, part: part, node: plannerNode(part)}
+		if len(out) == int(p.args.MaxNodesPerPlan) {
+			break
+		}
+	}
+	return out
+}
+
+// plannerNode is the node as the planner starts from it: each plannable
+// GPU with the layout planning starts from (partition.GPU.Start), and no
+// bound demand yet.
+func plannerNode(part *partition.Node) planner.Node {
+	n := planner.Node{Name: part.Object.Name, Bound: map[mig.ProfileName]int{}}
+	for i := range part.GPUs {
+		g := &part.GPUs[i]
+		if !g.Plannable() {
+			continue
+		}
+		pg := planner.GPU{Index: g.Index, Model: g.Model}
+		for _, s := range g.Start(part.InFlight) {
+			pg.Slices = append(pg.Slices, planner.Slice{Slice: s.Slice, Used: s.Used})
+		}
+		n.GPUs = append(n.GPUs, pg)
+	}
+	return n
+}
+
+// snapshot builds the planner's input: the views, with what bound and
+// nominated pods request counted as Bound (invariant 2), and the pending
+// MIG pods of this profile, each with the nodes its other filters accept.
+func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view) (*planner.Snapshot, error) {
+	snap := &planner.Snapshot{}
+	names := make([]string, 0, len(views))
+	for name := range views {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	nominated := map[types.UID]bool{}
+	for _, name := range names {
+		v := views[name]
+		for _, pi := range v.ni.GetPods() {
+			addDemand(v.node.Bound, pi.GetPod())
+		}
+		for _, pi := range p.h.NominatedPodsForNode(name) {
+			if pi.GetPod().UID != pod.UID {
+				addDemand(v.node.Bound, pi.GetPod())
+				nominated[pi.GetPod().UID] = true
+			}
+		}
+		snap.Nodes = append(snap.Nodes, v.node)
+	}
+
+	state.Write(simulateKey, simulating{})
+	defer state.Delete(simulateKey)
+	snap.Pods = append(snap.Pods, p.plannerPod(ctx, state, pod, d, views, names))
+	for _, other := range p.otherPending(pod, views, nominated) {
+		od, err := demand.Of(other)
+		if err != nil || len(od) == 0 {
+			continue
+		}
+		st := framework.NewCycleState()
+		st.Write(simulateKey, simulating{})
+		if _, status, _ := p.fw.RunPreFilterPlugins(ctx, st, other); !status.IsSuccess() {
+			continue
+		}
+		snap.Pods = append(snap.Pods, p.plannerPod(ctx, st, other, od, views, names))
+	}
+	if err := snap.Validate(); err != nil {
+		return nil, fmt.Errorf("building the planner snapshot: %w", err)
+	}
+	return snap, nil
+}
+
+// addDemand adds a pod's MIG demand to a node's bound counts.
+func addDemand(bound map[mig.ProfileName]int, pod *v1.Pod) {
+	d, err := demand.Of(pod)
+	if err != nil {
+		return
+	}
+	for prof, n := range d {
+		bound[prof] += n
+	}
+}
+
+// podKey names a pod as the planner does: "namespace/name".
+func podKey(pod *v1.Pod) string { return pod.Namespace + "/" + pod.Name }
+
+// plannerPod is a pod as the planner sees it, with the nodes whose filters
+// (other than MIG capacity) accept it.
+func (p *DynamicMIG) plannerPod(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view, names []string) planner.Pod {
+	pp := planner.Pod{Name: podKey(pod), Requests: d, Created: pod.CreationTimestamp.Time, Priority: priority(pod), Nodes: []string{}}
+	for _, name := range names {
+		if p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, withMIG(views[name].ni, d, nil)).IsSuccess() {
+			pp.Nodes = append(pp.Nodes, name)
+		}
+	}
+	return pp
+}
+
+// otherPending lists the other pending pods of this profile that ask for
+// MIG slices and are not yet nominated to a planned node — by the
+// scheduler's nominator (already counted as bound on that node), or in
+// their status: highest priority and oldest first, at most
+// MaxPendingPodsPerPlan − 1.
+func (p *DynamicMIG) otherPending(pod *v1.Pod, views map[string]*view, nominated map[types.UID]bool) []*v1.Pod {
+	var out []*v1.Pod
+	for _, o := range p.pending.asking(p.h.ProfileName(), mig.ProfileName{}) {
+		if o.UID == pod.UID {
+			continue
+		}
+		if _, inStatus := views[o.Status.NominatedNodeName]; inStatus || nominated[o.UID] {
+			continue // counted as bound on its node
+		}
+		out = append(out, o)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		pi, pj := priority(out[i]), priority(out[j])
+		if pi != pj {
+			return pi > pj
+		}
+		if !out[i].CreationTimestamp.Equal(&out[j].CreationTimestamp) {
+			return out[i].CreationTimestamp.Before(&out[j].CreationTimestamp)
+		}
+		return podKey(out[i]) < podKey(out[j])
+	})
+	if limit := int(p.args.MaxPendingPodsPerPlan) - 1; len(out) > limit {
+		out = out[:limit]
+	}
+	return out
+}
+
+func priority(pod *v1.Pod) int32 {
+	if pod.Spec.Priority != nil {
+		return *pod.Spec.Priority
+	}
+	return 0
+}
+
+// withMIG returns a copy of the NodeInfo whose MIG allocatable is the
+// planned layout's counts, or, with counts nil, enough for the demand on
+// top of what is requested (to ask the other filters alone).
+func withMIG(ni fwk.NodeInfo, d demand.Demand, counts map[mig.ProfileName]int) fwk.NodeInfo {
+	node := ni.Node().DeepCopy()
+	if node.Status.Allocatable == nil {
+		node.Status.Allocatable = v1.ResourceList{}
+	}
+	requested := ni.GetRequested().GetScalarResources()
+	if counts == nil {
+		for prof, n := range d {
+			r := v1.ResourceName(prof.ResourceName())
+			node.Status.Allocatable[r] = *resource.NewQuantity(requested[r]+int64(n)+1024, resource.DecimalSI)
+		}
+	} else {
+		for name := range node.Status.Allocatable {
+			if mig.IsMIGResource(string(name)) {
+				delete(node.Status.Allocatable, name)
+			}
+		}
+		for prof, n := range counts {
+			node.Status.Allocatable[v1.ResourceName(prof.ResourceName())] = *resource.NewQuantity(int64(n), resource.DecimalSI)
+		}
+	}
+	clone := ni.Snapshot()
+	clone.SetNode(node)
+	return clone
+}
