@@ -70,6 +70,7 @@ type Agent struct {
 	queue      workqueue.TypedRateLimitingInterface[string]
 	npLister   dynamiglisters.NodePartitionLister
 	nodeLister corelisters.NodeLister
+	podLister  corelisters.PodLister // the pods bound to this node
 	factories  []interface{ Start(<-chan struct{}) }
 	synced     []cache.InformerSynced
 
@@ -92,8 +93,8 @@ func NewForConfig(restCfg *rest.Config, cfg Config, lib gpu.Lib, kubelet Kubelet
 	return New(cfg, lib, kube, client, kubelet)
 }
 
-// New wires an agent; Run starts it. It watches only its own Node and the
-// NodePartition of the same name.
+// New wires an agent; Run starts it. It watches only its own Node, the
+// NodePartition of the same name and the pods bound to the node.
 func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, client versioned.Interface, kubelet Kubelet) (*Agent, error) {
 	if cfg.NodeName == "" {
 		return nil, errors.New("node name is empty: set it from the downward API (spec.nodeName)")
@@ -129,9 +130,13 @@ func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, client versioned.In
 	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: enqueue}); err != nil {
 		return nil, fmt.Errorf("watching Node %s: %w", cfg.NodeName, err)
 	}
-	a.npLister, a.nodeLister = npInformer.Lister(), nodeInformer.Lister()
-	a.factories = []interface{ Start(<-chan struct{}) }{npFactory, nodeFactory}
-	a.synced = []cache.InformerSynced{npInformer.Informer().HasSynced, nodeInformer.Informer().HasSynced}
+	podFactory := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+		o.FieldSelector = "spec.nodeName=" + cfg.NodeName
+	}))
+	podInformer := podFactory.Core().V1().Pods()
+	a.npLister, a.nodeLister, a.podLister = npInformer.Lister(), nodeInformer.Lister(), podInformer.Lister()
+	a.factories = []interface{ Start(<-chan struct{}) }{npFactory, nodeFactory, podFactory}
+	a.synced = []cache.InformerSynced{npInformer.Informer().HasSynced, nodeInformer.Informer().HasSynced, podInformer.Informer().HasSynced}
 	return a, nil
 }
 
@@ -163,8 +168,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}
 		err := a.sync(ctx)
+		var wait errWait
 		switch {
 		case ctx.Err() != nil:
+		case errors.As(err, &wait):
+			logger.V(2).Info("waiting before applying", "why", wait.why)
+			a.queue.Forget(key)
+			a.queue.AddAfter(key, waitRetry)
 		case err != nil:
 			logger.Error(err, "sync failed; retrying")
 			a.queue.AddRateLimited(key)
@@ -176,6 +186,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// errWait is a sync that holds off for a moment for a reason that clears
+// by itself (a pod bound to the node that kubelet has not admitted yet):
+// retried after waitRetry, without backoff.
+type errWait struct{ why string }
+
+func (e errWait) Error() string { return "waiting: " + e.why }
+
+const waitRetry = 500 * time.Millisecond
+
 // outcome is what one sync did, for the status conditions (apply returns
 // its own part of it): the steps applied, why parts of the spec were not,
 // and a failure to retry.
@@ -184,12 +203,15 @@ type outcome struct {
 	conflicts []Conflict
 	err       error  // a failure to retry
 	reason    string // the failure's condition reason
+	refused   bool   // the plan was refused before: conditions stay
+	wait      string // why the agent holds off (errWait)
 }
 
 // sync reconciles the node in phases: observe the GPUs, decide the steps
 // (pure), apply them, observe again if anything changed, make the device
 // plugin advertise what exists, then report (pure), emit the events and
-// write the status. It returns a failure to retry with backoff.
+// write the status. It returns a failure to retry with backoff, or an
+// errWait to try again shortly.
 func (a *Agent) sync(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	node, err := a.node()
@@ -210,8 +232,11 @@ func (a *Agent) sync(ctx context.Context) error {
 		logger.V(2).Info("kubelet PodResources API unavailable; no slice will be destroyed", "err", obs.kubeletErr)
 	}
 	d := decide(np, obs)
+	if d.wait != "" {
+		return a.hold(ctx, np, node, obs, d.wait)
+	}
 	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus)
-	out.conflicts = append(d.conflicts, out.conflicts...)
+	out.conflicts, out.refused = append(d.conflicts, out.conflicts...), d.refused
 	if len(out.steps) > 0 || out.err != nil {
 		// Status must say exactly what exists, whatever happened.
 		if obs, err = a.observe(ctx); err != nil {
@@ -220,7 +245,13 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	recordSlices(obs.gpus)
 	if out.err == nil {
-		if err := a.advertise(ctx, node, obs.gpus); err != nil {
+		var wait errWait
+		switch err := a.advertise(ctx, node, obs, len(out.steps) > 0); {
+		case errors.As(err, &wait):
+			return a.hold(ctx, np, node, obs, wait.why)
+		case errors.Is(err, errKubeletUnknown):
+			out.err, out.reason = err, ReasonKubeletUnreachable
+		case err != nil:
 			out.err, out.reason = err, ReasonDevicePluginTimeout
 		}
 	}
@@ -238,6 +269,16 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	a.ready.Store(true)
 	return out.err
+}
+
+// hold reports what exists and why the agent waits, and returns errWait.
+func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, why string) error {
+	st, events := report(np, node, &obs, outcome{wait: why}, metav1.Now())
+	a.emit(events)
+	if err := a.writeStatus(ctx, np, st); err != nil {
+		return err
+	}
+	return errWait{why: why}
 }
 
 func (a *Agent) node() (*v1.Node, error) {

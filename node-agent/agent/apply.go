@@ -8,6 +8,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/guard"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -63,6 +64,9 @@ func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed) ou
 
 // recheck asks kubelet, just before a destroy, who holds the slice.
 func (a *Agent) recheck(ctx context.Context, st Step, observed []Observed) (string, error) {
+	if guard.Off(guard.Recheck) {
+		return "", nil
+	}
 	d, err := a.kubelet.Devices(ctx, mig.ResourcePrefix)
 	if err != nil {
 		return "", err
@@ -73,7 +77,7 @@ func (a *Agent) recheck(ctx context.Context, st Step, observed []Observed) (stri
 		}
 		for _, s := range o.Slices {
 			if s.Slice.Slice == st.Slice {
-				return holder(d, st.GPU, s.Slice), nil
+				return d.Used[s.UUID], nil
 			}
 		}
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
 
+	"github.com/dynamig/dynamig/pkg/guard"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -49,20 +51,70 @@ func allocatableDiff(node *v1.Node, want map[v1.ResourceName]int64) string {
 	return strings.Join(diffs, "; ")
 }
 
-// advertise makes the device plugin advertise the observed slices, unless
-// Node allocatable already shows exactly them. An error means it did not
-// within DevicePluginTimeout (or could not be restarted).
-func (a *Agent) advertise(ctx context.Context, node *v1.Node, observed []Observed) error {
-	if allocatableDiff(node, advertisable(observed)) == "" {
+// identityDiff says how the MIG device IDs kubelet can allocate differ
+// from the UUIDs of the slices the device plugin should advertise; "" if
+// they do not.
+func identityDiff(allocatable map[string]bool, observed []Observed) string {
+	want := map[string]bool{}
+	for _, o := range observed {
+		for _, s := range o.Slices {
+			if s.Advertised() {
+				want[s.UUID] = true
+			}
+		}
+	}
+	var missing, extra []string
+	for id := range want {
+		if !allocatable[id] {
+			missing = append(missing, id)
+		}
+	}
+	for id := range allocatable {
+		if !want[id] {
+			extra = append(extra, id)
+		}
+	}
+	if len(missing)+len(extra) == 0 || guard.Off(guard.Identity) {
+		return ""
+	}
+	sort.Strings(missing)
+	sort.Strings(extra)
+	return fmt.Sprintf("kubelet cannot allocate %v and can allocate %v", missing, extra)
+}
+
+// errKubeletUnknown: what kubelet can allocate is unknown, so a
+// re-advertisement cannot be confirmed.
+var errKubeletUnknown = errors.New("cannot confirm what kubelet can allocate")
+
+// advertise makes the device plugin advertise the observed slices, after
+// the agent changed them (changed) or when Node allocatable or the device
+// IDs kubelet can allocate are not exactly them. It holds off (errWait)
+// while a pod bound to the node is not admitted: kubelet fails the
+// admission of a pod asking for a resource whose plugin restarts, for
+// good. Other errors: kubelet unknown (errKubeletUnknown), or the plugin
+// did not re-advertise within DevicePluginTimeout.
+func (a *Agent) advertise(ctx context.Context, node *v1.Node, obs observation, changed bool) error {
+	if obs.kubeletErr != nil {
+		if !changed && allocatableDiff(node, advertisable(obs.gpus)) == "" {
+			return nil // nothing changed; nothing to confirm
+		}
+		return fmt.Errorf("%w: %w", errKubeletUnknown, obs.kubeletErr)
+	}
+	if !changed && allocatableDiff(node, advertisable(obs.gpus)) == "" && identityDiff(obs.allocatable, obs.gpus) == "" {
 		return nil
 	}
-	return a.readvertise(ctx, observed)
+	if pods := obs.anyWaiting(); len(pods) > 0 && !guard.Off(guard.Admission) {
+		return errWait{why: notAdmitted(pods) + " before restarting the device plugin"}
+	}
+	return a.readvertise(ctx, obs.gpus)
 }
 
 // readvertise makes the NVIDIA device plugin, which scans MIG devices only
 // when it starts, advertise the node's slices: it deletes the plugin's pod
 // on this node, waits for a replacement (a new UID) to be Ready, then for
-// Node allocatable to match the slices. Waiting on observed state, not a
+// Node allocatable to match the slices and kubelet to be able to allocate
+// exactly their MIG UUIDs (identity, not counts: an unchanged count matches
+// before the new plugin registers). Waiting on observed state, not a
 // sleep, bounded by DevicePluginTimeout.
 func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
 	logger := klog.FromContext(ctx)
@@ -98,7 +150,15 @@ func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
 		if err != nil {
 			return false, nil
 		}
-		missing = allocatableDiff(node, want)
+		if missing = allocatableDiff(node, want); missing != "" {
+			return false, nil
+		}
+		devices, err := a.kubelet.Devices(ctx, mig.ResourcePrefix)
+		if err != nil {
+			missing = err.Error()
+			return false, nil
+		}
+		missing = identityDiff(devices.Allocatable, observed)
 		return missing == "", nil
 	})
 	if err != nil {

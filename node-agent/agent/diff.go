@@ -3,9 +3,14 @@ package agent
 import (
 	"fmt"
 	"sort"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/guard"
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/pkg/partition"
 )
@@ -92,11 +97,11 @@ func Diff(observed []Observed, spec map[int][]mig.Slice, verified bool) ([]Step,
 				continue
 			}
 			switch {
-			case s.Holder != "":
-				blocked = append(blocked, fmt.Sprintf("%s (%s) is used by pod %s", sl, s.UUID, s.Holder))
 			case !verified:
 				reason = ReasonKubeletUnreachable
 				blocked = append(blocked, fmt.Sprintf("%s (%s) may be in use: kubelet could not be asked", sl, s.UUID))
+			case s.Holder != "":
+				blocked = append(blocked, fmt.Sprintf("%s (%s) is used by pod %s", sl, s.UUID, s.Holder))
 			default:
 				gd = append(gd, Step{Kind: Destroy, GPU: o.GPU.Index, Slice: sl})
 			}
@@ -157,10 +162,17 @@ func migDisabled(g gpu.GPU) string {
 }
 
 // decision is what the agent will do about a spec: the steps, in order,
-// and the parts of the spec it will not apply, with why.
+// and the parts of the spec it will not apply, with why; or nothing,
+// because it refused this plan already or must wait.
 type decision struct {
 	steps     []Step
 	conflicts []Conflict
+	// refused: the spec's plan was refused in an earlier sync; it is never
+	// pursued later (the scheduler plans again from the status).
+	refused bool
+	// wait says why nothing may be done yet: a slice to destroy is of a
+	// profile that a pod bound to the node, not yet admitted, asks for.
+	wait string
 }
 
 // decide is the spec's layouts against what was observed, without side
@@ -170,6 +182,9 @@ type decision struct {
 // layout: 3g.40gb does not exist on A100-40GB (…)"); Diff turns the rest
 // into steps and conflicts, destroying only when kubelet answered.
 func decide(np *v1alpha1.NodePartition, obs observation) decision {
+	if refusedPlan(np) && !guard.Off(guard.Refused) {
+		return decision{refused: true}
+	}
 	layouts, specErrs := partition.DesiredLayouts(np)
 	var d decision
 	for _, g := range np.Spec.GPUs {
@@ -186,8 +201,31 @@ func decide(np *v1alpha1.NodePartition, obs observation) decision {
 	}
 	steps, conflicts := Diff(obs.gpus, layouts, obs.kubeletErr == nil)
 	d.steps, d.conflicts = steps, append(d.conflicts, conflicts...)
+	for _, st := range d.steps {
+		if pods := obs.waiting[st.Slice.Profile]; st.Kind == Destroy && len(pods) > 0 && !guard.Off(guard.Admission) {
+			return decision{wait: fmt.Sprintf("%s before destroying %s on gpu %d: kubelet may give it that slice", notAdmitted(pods), st.Slice, st.GPU)}
+		}
+	}
 	return d
 }
+
+// notAdmitted says which bound pods kubelet has not admitted yet.
+func notAdmitted(pods []string) string {
+	return fmt.Sprintf("pod %s, bound to the node, is not admitted by kubelet yet; waiting for it", strings.Join(pods, ", "))
+}
+
+// refusedPlan reports whether the spec's plan is one the agent refused:
+// observed, with Failed true for a reason only a new plan can fix.
+func refusedPlan(np *v1alpha1.NodePartition) bool {
+	if np.Spec.PlanID == "" || np.Status.ObservedPlanID != np.Spec.PlanID {
+		return false
+	}
+	c := meta.FindStatusCondition(np.Status.Conditions, v1alpha1.ConditionFailed)
+	return c != nil && c.Status == metav1.ConditionTrue && c.ObservedGeneration == np.Generation && refusal[c.Reason]
+}
+
+// refusal holds the reasons for which the agent refuses a plan for good.
+var refusal = map[string]bool{ReasonSliceInUse: true, ReasonKubeletUnreachable: true, ReasonMIGDisabled: true, ReasonNoSuchGPU: true, ReasonInvalidSpec: true}
 
 // validate checks a layout against the observed model of the GPU with MIG
 // on at index; nil if there is none (Diff reports a GPU that is missing or

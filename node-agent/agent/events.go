@@ -9,11 +9,18 @@ const (
 	ReasonNoPlan = "NoPlan"
 	// ReasonApplying: the agent is working on the plan.
 	ReasonApplying = "Applying"
+	// ReasonWaitingForAdmission: a pod bound to the node is not admitted by
+	// kubelet yet; the agent destroys no slice it could be given, and does
+	// not restart the device plugin (which would fail its admission), until
+	// it is.
+	ReasonWaitingForAdmission = "WaitingForAdmission"
 	// ReasonSliceInUse: the plan would destroy a slice a pod holds; the GPU
 	// is left as it is and the scheduler plans again from the status.
 	ReasonSliceInUse = "SliceInUse"
-	// ReasonKubeletUnreachable: kubelet's PodResources API did not answer,
-	// so no slice can be proven free and none is destroyed.
+	// ReasonKubeletUnreachable: kubelet's PodResources API did not answer
+	// (or names MIG devices by index), so no slice can be proven free: every
+	// slice is reported used, none is destroyed, and a re-advertisement
+	// cannot be confirmed.
 	ReasonKubeletUnreachable = "KubeletUnreachable"
 	// ReasonMIGDisabled: a GPU of the plan has MIG mode off or pending a reset.
 	ReasonMIGDisabled = "MIGModeDisabled"

@@ -3,35 +3,54 @@ package agent
 import (
 	"context"
 	"fmt"
+	"sort"
+	"strings"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
+	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
 // observation is what the agent saw of the node in one pass: every
-// MIG-capable GPU with its model, profiles and slices, and whether kubelet
-// could say who holds the slices.
+// MIG-capable GPU with its model, profiles and slices and who holds them,
+// the MIG devices kubelet can allocate, and the pods bound to the node
+// that kubelet does not show holding all their slices.
 type observation struct {
 	gpus []Observed
-	// kubeletErr is why kubelet's PodResources API did not answer: the
-	// holders are unknown, so the agent reports and creates but destroys
-	// nothing.
+	// kubeletErr is why kubelet could not say who holds the slices (its
+	// PodResources API did not answer, or it names devices by index): the
+	// holders are unknown, so every slice counts as used, and the agent
+	// reports and creates but destroys nothing.
 	kubeletErr error
+	// allocatable are the MIG device IDs kubelet can allocate.
+	allocatable map[string]bool
+	// waiting lists, per profile, the pods bound to the node that ask for
+	// it and that kubelet has not admitted yet: kubelet may still give them
+	// any free slice of the profile it advertises.
+	waiting map[mig.ProfileName][]string
 }
 
 // observe reads every MIG-capable GPU from NVML: with MIG on, the
 // profiles it offers, its model (mig.ResolveModel: from those profiles,
 // else the catalog) and its slices, each with the pod kubelet says holds
-// it. An error is an NVML failure; a profile-discovery failure is kept on
-// the GPU (ModelErr) instead, as only plans for that GPU need its model.
+// it; and, from the pods bound to the node, those kubelet has not
+// admitted or does not show holding all their slices. An error is an NVML
+// failure; a profile-discovery failure is kept on the GPU (ModelErr)
+// instead, as only plans for that GPU need its model.
 func (a *Agent) observe(ctx context.Context) (observation, error) {
 	gpus, err := a.lib.GPUs()
 	if err != nil {
 		return observation{}, err
 	}
 	devices, kubeletErr := a.kubelet.Devices(ctx, mig.ResourcePrefix)
-	obs := observation{gpus: make([]Observed, 0, len(gpus)), kubeletErr: kubeletErr}
+	if kubeletErr == nil {
+		kubeletErr = indexIDs(devices)
+	}
+	obs := observation{gpus: make([]Observed, 0, len(gpus)), kubeletErr: kubeletErr, allocatable: devices.Allocatable}
 	for _, g := range gpus {
 		o := Observed{GPU: g}
 		if g.MIG.Current {
@@ -41,12 +60,106 @@ func (a *Agent) observe(ctx context.Context) (observation, error) {
 				return observation{}, err
 			}
 			for _, s := range ss {
-				o.Slices = append(o.Slices, ObservedSlice{Slice: s, Holder: holder(devices, g.Index, s)})
+				o.Slices = append(o.Slices, ObservedSlice{Slice: s, Holder: devices.Used[s.UUID]})
 			}
 		}
 		obs.gpus = append(obs.gpus, o)
 	}
+	pods, err := a.podLister.List(labels.Everything())
+	if err != nil {
+		return observation{}, fmt.Errorf("listing the pods bound to node %s: %w", a.cfg.NodeName, err)
+	}
+	obs.holders(pods, devices)
 	return obs, nil
+}
+
+// unknownHolder is the holder of a slice the agent cannot prove free.
+const unknownHolder = "(unknown)"
+
+// holders completes the observation from the pods bound to the node. If
+// kubelet could not be asked, every slice is held by an unknown pod. A
+// pod that asks for a profile and that kubelet has not admitted is
+// waiting. One that kubelet admitted but does not show holding all its
+// slices of a profile (an init container's devices are not in
+// PodResources; a device may have vanished) may hold any slice of it: the
+// free ones count as held by it.
+func (o *observation) holders(pods []*v1.Pod, devices podresources.Devices) {
+	if o.kubeletErr != nil {
+		for i := range o.gpus {
+			for j := range o.gpus[i].Slices {
+				o.gpus[i].Slices[j].Holder = unknownHolder
+			}
+		}
+		return
+	}
+	held := map[string]map[mig.ProfileName]int{}
+	for _, g := range o.gpus {
+		for _, s := range g.Slices {
+			if s.Holder != "" {
+				if held[s.Holder] == nil {
+					held[s.Holder] = map[mig.ProfileName]int{}
+				}
+				held[s.Holder][s.Profile]++
+			}
+		}
+	}
+	unseen := map[mig.ProfileName]string{}
+	o.waiting = map[mig.ProfileName][]string{}
+	for _, pod := range pods {
+		if pod.Status.Phase == v1.PodSucceeded || pod.Status.Phase == v1.PodFailed {
+			continue
+		}
+		d, err := demand.Of(pod)
+		if err != nil {
+			continue // a resource that names no profile: no plugin advertises it, so kubelet gives the pod no MIG device
+		}
+		key := pod.Namespace + "/" + pod.Name
+		for prof, n := range d {
+			switch {
+			case !devices.Pods[key]:
+				o.waiting[prof] = append(o.waiting[prof], key)
+			case held[key][prof] < n:
+				unseen[prof] = key
+			}
+		}
+	}
+	for i := range o.gpus {
+		for j := range o.gpus[i].Slices {
+			s := &o.gpus[i].Slices[j]
+			if pod, ok := unseen[s.Profile]; ok && s.Holder == "" {
+				s.Holder = pod + " " + unknownHolder
+			}
+		}
+	}
+}
+
+// anyWaiting lists the pods bound to the node that kubelet has not
+// admitted, whatever they ask for.
+func (o *observation) anyWaiting() []string {
+	set := map[string]bool{}
+	for _, pods := range o.waiting {
+		for _, p := range pods {
+			set[p] = true
+		}
+	}
+	out := make([]string, 0, len(set))
+	for p := range set {
+		out = append(out, p)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// indexIDs refuses device IDs that are not MIG UUIDs: with the NVIDIA
+// device plugin's deviceIDStrategy=index, kubelet's IDs ("0:1") date from
+// the plugin's last start and name other slices after every change.
+func indexIDs(d podresources.Devices) error {
+	for id := range d.Allocatable {
+		if !strings.HasPrefix(id, "MIG-") {
+			return fmt.Errorf("kubelet lists MIG device %q, not a MIG UUID: set the NVIDIA device plugin's deviceIDStrategy to uuid (index IDs change after every repartition, so dynamig cannot tell which slice a pod holds)", id)
+		}
+	}
+	return nil
 }
 
 // model discovers a GPU's profiles and resolves its model from them.
@@ -64,16 +177,4 @@ func (a *Agent) model(g gpu.GPU) ([]mig.Profile, *mig.Model, error) {
 		err = fmt.Errorf("model %s: NVML offers no MIG profile and the catalog does not know it", g.Name)
 	}
 	return profiles, m, err
-}
-
-// holder is the pod kubelet says holds a slice, by the MIG UUID or the
-// "<gpu>:<mig index>" ID of deviceIDStrategy=index.
-func holder(d podresources.Devices, gpuIndex int, s gpu.Slice) string {
-	if s.UUID == "" {
-		return ""
-	}
-	if pod, ok := d.Used[s.UUID]; ok {
-		return pod
-	}
-	return d.Used[fmt.Sprintf("%d:%d", gpuIndex, s.MIGIndex)]
 }

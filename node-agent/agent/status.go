@@ -88,7 +88,9 @@ func migMode(m gpu.MIGMode) v1alpha1.MIGMode {
 // moves to the spec's plan once the agent is done with it: applied, or
 // refused for a reason only a new plan can fix (a used slice in the way,
 // an invalid layout). A failure it retries (NVML, the device plugin)
-// leaves it, so the scheduler keeps waiting for the plan.
+// leaves it, so the scheduler keeps waiting for the plan. A plan refused
+// before keeps its conditions; one the agent waits to apply is reported
+// as waiting.
 func conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitionStatus, out outcome, now metav1.Time) []event {
 	plan := np.Spec.PlanID
 	name := plan
@@ -98,21 +100,32 @@ func conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitionStatus, ou
 	st.ObservedGeneration = np.Generation
 	st.ObservedPlanID = np.Status.ObservedPlanID
 	st.Conditions = append([]metav1.Condition(nil), np.Status.Conditions...)
+	if out.refused {
+		return nil
+	}
 	applied := metav1.Condition{Type: v1alpha1.ConditionApplied, ObservedGeneration: np.Generation, LastTransitionTime: now}
 	failed := metav1.Condition{Type: v1alpha1.ConditionFailed, ObservedGeneration: np.Generation, LastTransitionTime: now, Status: metav1.ConditionTrue}
 	switch {
-	case out.err != nil:
-		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonApplying, fmt.Sprintf("plan %s: retrying after: %s", name, out.err)
-		failed.Reason, failed.Message = out.reason, out.err.Error()
+	case out.wait != "":
+		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonWaitingForAdmission, fmt.Sprintf("plan %s: %s", name, out.wait)
+		failed.Status, failed.Reason, failed.Message = metav1.ConditionFalse, ReasonWaitingForAdmission, ""
 	case len(out.conflicts) > 0:
-		msgs := make([]string, len(out.conflicts))
+		// Refused in part: the plan is done with, whatever else failed (a
+		// refused plan is never pursued; the scheduler plans again).
+		msgs := make([]string, len(out.conflicts), len(out.conflicts)+1)
 		for i, c := range out.conflicts {
 			msgs[i] = c.Message
+		}
+		if out.err != nil {
+			msgs = append(msgs, out.err.Error())
 		}
 		msg := fmt.Sprintf("plan %s not fully applied: %s", name, strings.Join(msgs, "; "))
 		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, out.conflicts[0].Reason, msg
 		failed.Reason, failed.Message = out.conflicts[0].Reason, msg
 		st.ObservedPlanID = plan
+	case out.err != nil:
+		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonApplying, fmt.Sprintf("plan %s: retrying after: %s", name, out.err)
+		failed.Reason, failed.Message = out.reason, out.err.Error()
 	case plan == "":
 		applied.Status, applied.Reason, applied.Message = metav1.ConditionTrue, ReasonNoPlan, "no plan yet; the status reports what exists"
 		failed.Status, failed.Reason, failed.Message = metav1.ConditionFalse, ReasonNoPlan, ""

@@ -11,10 +11,12 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
@@ -266,4 +268,70 @@ func TestEmit(t *testing.T) {
 		"Warning NVMLError a", "Normal Applied plan p-1: done", "Normal Applied plan p-1: done",
 		"Warning NVMLError b", "Warning NVMLError b",
 	}, got)
+}
+
+// The rules that keep kubelet from handing out a slice the agent is about
+// to destroy, and a refused plan from being applied later.
+func TestDecideSafetyRules(t *testing.T) {
+	plan := spec("p-1", layout(0, "7g.80gb@0"))
+	free := []Observed{a100(t, 0, have("1g.10gb", 0, ""), have("3g.40gb", 4, ""))}
+
+	waiting := observation{gpus: free, waiting: map[mig.ProfileName][]string{mig.MustParseProfile("3g.40gb"): {"team/late"}}}
+	d := decide(plan, waiting)
+	assert.Empty(t, d.steps, "no destroy while a pod that may get the slice is not admitted")
+	assert.Equal(t, "pod team/late, bound to the node, is not admitted by kubelet yet; waiting for it before destroying 3g.40gb@4 on gpu 0: kubelet may give it that slice", d.wait,
+		"1g.10gb@0 may go (team/late does not ask for it); 3g.40gb@4 may not")
+
+	other := observation{gpus: free, waiting: map[mig.ProfileName][]string{mig.MustParseProfile("2g.20gb"): {"team/late"}}}
+	assert.Len(t, decide(plan, other).steps, 3, "a pod waiting for another profile does not hold the destroys back")
+
+	refused := plan.DeepCopy()
+	refused.Status.ObservedPlanID = "p-1"
+	refused.Status.Conditions = []metav1.Condition{{Type: v1alpha1.ConditionFailed, Status: metav1.ConditionTrue, Reason: ReasonSliceInUse, ObservedGeneration: refused.Generation}}
+	d = decide(refused, observation{gpus: free})
+	assert.True(t, d.refused)
+	assert.Empty(t, d.steps, "a refused plan is never pursued, even once its slices are free")
+	refused.Generation++
+	assert.False(t, decide(refused, observation{gpus: free}).refused, "a new spec is a new decision")
+}
+
+// Unknown holders are never free: kubelet unreachable, or a pod kubelet
+// admitted without showing all its slices (init containers).
+func TestHolders(t *testing.T) {
+	pod := func(name string, phase v1.PodPhase, profile string, n string) *v1.Pod {
+		q := resource.MustParse(n)
+		return &v1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "team", Name: name}, Status: v1.PodStatus{Phase: phase},
+			Spec: v1.PodSpec{InitContainers: []v1.Container{{Name: "init", Resources: v1.ResourceRequirements{Requests: v1.ResourceList{v1.ResourceName(mig.ResourcePrefix + profile): q}}}}}}
+	}
+	gpus := func() []Observed {
+		return []Observed{a100(t, 0, have("1g.10gb", 0, ""), have("1g.10gb", 1, "team/running"), have("3g.40gb", 4, ""))}
+	}
+	pods := []*v1.Pod{
+		pod("running", v1.PodRunning, "1g.10gb", "2"), // holds 1g.10gb@1 and, invisibly, one more
+		pod("late", v1.PodPending, "3g.40gb", "1"),    // bound, not admitted
+		pod("done", v1.PodSucceeded, "3g.40gb", "1"),
+	}
+	o := observation{gpus: gpus()}
+	o.holders(pods, podresources.Devices{Pods: map[string]bool{"team/running": true, "team/done": true}})
+	assert.Equal(t, "team/running (unknown)", o.gpus[0].Slices[0].Holder, "the free 1g.10gb may be team/running's second slice")
+	assert.Equal(t, "", o.gpus[0].Slices[2].Holder)
+	assert.Equal(t, map[mig.ProfileName][]string{mig.MustParseProfile("3g.40gb"): {"team/late"}}, o.waiting)
+
+	o = observation{gpus: gpus(), kubeletErr: errors.New("connection refused")}
+	o.holders(pods, podresources.Devices{})
+	for _, s := range o.gpus[0].Slices {
+		assert.Equal(t, unknownHolder, s.Holder, "kubelet unreachable: %s counts as used", s.Slice)
+	}
+
+	assert.ErrorContains(t, indexIDs(podresources.Devices{Allocatable: map[string]bool{"MIG-x": true, "0:1": true}}), "deviceIDStrategy to uuid")
+	assert.NoError(t, indexIDs(podresources.Devices{Allocatable: map[string]bool{"MIG-x": true}}))
+}
+
+// A re-advertisement is confirmed by the device IDs kubelet can allocate,
+// not by counts: the same number of 1g.10gb under other UUIDs is not it.
+func TestIdentityDiff(t *testing.T) {
+	observed := []Observed{a100(t, 0, have("1g.10gb", 0, ""), have("3g.40gb", 4, ""))}
+	assert.Empty(t, identityDiff(map[string]bool{"MIG-1g.10gb": true, "MIG-3g.40gb": true}, observed))
+	assert.Equal(t, "kubelet cannot allocate [MIG-3g.40gb] and can allocate [MIG-old]",
+		identityDiff(map[string]bool{"MIG-1g.10gb": true, "MIG-old": true}, observed))
 }

@@ -249,6 +249,92 @@ func TestRebootAndStableUUIDs(t *testing.T) {
 	assert.Equal(t, gpusBefore[0].UUID, uuid, "same seed, same GPU UUID")
 }
 
+// NVML gives a new GPU instance the lowest free ID, so a destroyed
+// slice's ID goes to the next slice created, whatever its profile, and
+// with it the MIG UUID (derived from GPU, GPU instance and compute
+// instance here; real NVML may repeat UUIDs too). A UUID is no identity
+// across a destroy.
+func TestInstanceIDsAreReused(t *testing.T) {
+	p := mig.MustParseProfile
+	_, lib := open(t, "A100-80GB")
+	a, err := lib.Create(0, p("1g.10gb"), 0)
+	require.NoError(t, err)
+	b, err := lib.Create(0, p("1g.10gb"), 1)
+	require.NoError(t, err)
+	assert.Equal(t, []int{1, 2}, []int{a.GI, b.GI}, "IDs from 1, lowest free")
+	require.NoError(t, lib.Destroy(0, p("1g.10gb"), 0))
+
+	c, err := lib.Create(0, p("3g.40gb"), 4)
+	require.NoError(t, err)
+	assert.Equal(t, a.GI, c.GI, "the destroyed slice's GPU-instance ID is reused")
+	assert.Equal(t, a.CI, c.CI)
+	assert.Equal(t, a.UUID, c.UUID, "and so its MIG UUID, now for a 3g.40gb")
+	assert.NotEqual(t, b.UUID, c.UUID)
+
+	d, err := lib.Create(0, p("1g.10gb"), 0)
+	require.NoError(t, err)
+	assert.Equal(t, 3, d.GI, "no free ID below 3")
+	require.NoError(t, lib.Destroy(0, p("1g.10gb"), 1))
+	e, err := lib.Create(0, p("2g.20gb"), 2)
+	require.NoError(t, err)
+	assert.Equal(t, b.GI, e.GI)
+	assert.Equal(t, b.UUID, e.UUID)
+}
+
+// Compute-instance IDs within a GPU instance are reused lowest-free too,
+// from 0.
+func TestComputeInstanceIDsAreReused(t *testing.T) {
+	sim, lib := open(t, "A100-80GB")
+	info := profileInfo(t, lib, mig.MustParseProfile("7g.80gb"))
+	d, _ := sim.Interface().DeviceGetHandleByIndex(0)
+	gi, ret := d.CreateGpuInstance(&info)
+	require.Equal(t, nvml.SUCCESS, ret)
+	ciInfo, ret := gi.GetComputeInstanceProfileInfo(nvml.COMPUTE_INSTANCE_PROFILE_1_SLICE, nvml.COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
+	require.Equal(t, nvml.SUCCESS, ret)
+	var cis []nvml.ComputeInstance
+	for range 3 {
+		ci, ret := gi.CreateComputeInstance(&ciInfo)
+		require.Equal(t, nvml.SUCCESS, ret)
+		cis = append(cis, ci)
+	}
+	id := func(ci nvml.ComputeInstance) uint32 {
+		t.Helper()
+		info, ret := ci.GetInfo()
+		require.Equal(t, nvml.SUCCESS, ret)
+		return info.Id
+	}
+	assert.Equal(t, []uint32{0, 1, 2}, []uint32{id(cis[0]), id(cis[1]), id(cis[2])})
+	require.Equal(t, nvml.SUCCESS, cis[1].Destroy())
+	again, ret := gi.CreateComputeInstance(&ciInfo)
+	require.Equal(t, nvml.SUCCESS, ret)
+	assert.Equal(t, uint32(1), id(again), "the destroyed compute instance's ID is reused")
+	_, ret = cis[1].GetInfo()
+	assert.Equal(t, nvml.ERROR_NOT_FOUND, ret, "the old handle stays gone")
+	assert.Equal(t, nvml.ERROR_IN_USE, gi.Destroy(), "a GPU instance with compute instances")
+}
+
+// IN_USE on destroying a compute instance holds exactly while a process
+// runs on it; a process cannot start on a device that does not exist, and
+// stopping one that does not run is an error, not a no-op.
+func TestProcessesAndInUse(t *testing.T) {
+	p := mig.MustParseProfile
+	sim, lib := open(t, "A100-80GB")
+	s, err := lib.Create(0, p("2g.20gb"), 2)
+	require.NoError(t, err)
+	require.Error(t, sim.SetProcess(s.UUID, false), "no process runs yet")
+	require.NoError(t, sim.SetProcess(s.UUID, true))
+	require.NoError(t, sim.SetProcess(s.UUID, true))
+	require.NoError(t, sim.SetProcess(s.UUID, false))
+	require.ErrorIs(t, lib.Destroy(0, p("2g.20gb"), 2), ErrInUse, "one process still runs")
+	assert.Equal(t, 1, sim.Processes(s.UUID))
+	require.NoError(t, sim.SetProcess(s.UUID, false))
+	assert.Zero(t, sim.Processes(s.UUID))
+	require.NoError(t, lib.Destroy(0, p("2g.20gb"), 2), "free once the last process stops")
+	err = sim.SetProcess(s.UUID, true)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "no MIG device "+s.UUID)
+}
+
 func TestCodes(t *testing.T) {
 	assert.Equal(t, "", Code(errors.New("plain")))
 	assert.Equal(t, "IN_USE", Code(call(nvml.ERROR_IN_USE, "x")))

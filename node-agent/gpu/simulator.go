@@ -23,9 +23,13 @@ import (
 // with a process cannot be destroyed (IN_USE), nothing MIG works with MIG
 // mode off (NOT_SUPPORTED). Profiles and placements come from the catalog;
 // profile IDs are deliberately not NVML's, so that code that hard-codes
-// them fails here. MIG UUIDs are derived from (GPU, GPU instance, compute
-// instance) and so are stable. Faults and latency can be injected per
-// method, and every change is logged.
+// them fails here. GPU-instance and compute-instance IDs are the lowest
+// free ones, as NVML gives them: a destroyed instance's ID goes to the next
+// instance created. MIG UUIDs are derived from (GPU, GPU instance, compute
+// instance), so a new slice, of any profile, can carry the UUID of a
+// destroyed one, as on real GPUs; never take a UUID for a slice's identity
+// across a destroy. Faults and latency can be injected per method, and
+// every change is logged.
 //
 // Its zero value is not usable; build it with NewSimulator.
 type Simulator struct {
@@ -74,7 +78,6 @@ type simGPU struct {
 	info             []nvml.GpuInstanceProfileInfo
 	current, pending bool
 	gis              []*simGI
-	nextGI           int // GPU instance IDs are not reused until a reboot
 }
 
 type simGI struct {
@@ -201,25 +204,66 @@ func (s *Simulator) SetMIGMode(gpu int, current, pending bool) {
 }
 
 // SetProcess starts or stops a process on the MIG device with the UUID:
-// while one runs, its compute instance cannot be destroyed.
+// while one runs, its compute instance cannot be destroyed (IN_USE), and
+// only then. It fails for a UUID that names no MIG device now (a process
+// cannot start on a destroyed slice), and for stopping a process that does
+// not run.
 func (s *Simulator) SetProcess(migUUID string, running bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, g := range s.gpus {
+	_, ci := s.migDevice(migUUID)
+	switch {
+	case ci == nil:
+		return fmt.Errorf("no MIG device %s", migUUID)
+	case running:
+		ci.processes++
+	case ci.processes == 0:
+		return fmt.Errorf("no process runs on MIG device %s", migUUID)
+	default:
+		ci.processes--
+	}
+	return nil
+}
+
+// MIGDevice finds the MIG device with the UUID now, as the container
+// runtime resolves a device it is to hand to a container: the GPU and the
+// slice of its GPU instance. It counts as no NVML call (takes no faults).
+func (s *Simulator) MIGDevice(migUUID string) (gpu int, slice mig.Slice, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i, ci := s.migDevice(migUUID)
+	if ci == nil {
+		return 0, mig.Slice{}, false
+	}
+	gi := ci.gi
+	return i, mig.Slice{Profile: gi.gpu.model.Profiles[gi.profile].Name, Start: gi.start}, true
+}
+
+// Processes counts the processes running on the MIG device with the
+// UUID, as NVML's GetComputeRunningProcesses reports them; 0 for no such
+// device. It counts as no NVML call.
+func (s *Simulator) Processes(migUUID string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ci := s.migDevice(migUUID); ci != nil {
+		return ci.processes
+	}
+	return 0
+}
+
+// migDevice is the GPU index and compute instance of the MIG device with
+// the UUID, nil if none exists; callers hold s.mu.
+func (s *Simulator) migDevice(migUUID string) (int, *simCI) {
+	for i, g := range s.gpus {
 		for _, gi := range g.gis {
 			for _, ci := range gi.cis {
 				if ci.uuid == migUUID {
-					if running {
-						ci.processes++
-					} else if ci.processes > 0 {
-						ci.processes--
-					}
-					return nil
+					return i, ci
 				}
 			}
 		}
 	}
-	return fmt.Errorf("no MIG device %s", migUUID)
+	return 0, nil
 }
 
 // Reboot removes every slice (they do not survive a reboot) and applies
@@ -235,7 +279,6 @@ func (s *Simulator) Reboot() {
 			}
 		}
 		g.gis = nil
-		g.nextGI = 0
 		g.current = g.pending
 	}
 }
@@ -439,7 +482,8 @@ func (g *simGPU) profile(info *nvml.GpuInstanceProfileInfo) (*mig.Profile, nvml.
 	return &g.model.Profiles[pi], nvml.SUCCESS
 }
 
-// createGI adds a GPU instance with the next ID; callers hold s.mu.
+// createGI adds a GPU instance with the lowest free ID (1-based), as NVML
+// does; callers hold s.mu.
 func (s *Simulator) createGI(g *simGPU, pi, start int) (nvml.GpuInstance, nvml.Return) {
 	if !containsStart(g.model.Profiles[pi].Starts, start) {
 		return nil, nvml.ERROR_INVALID_ARGUMENT
@@ -448,14 +492,26 @@ func (s *Simulator) createGI(g *simGPU, pi, start int) (nvml.GpuInstance, nvml.R
 	if !g.model.CanAdd(&o, pi, start) {
 		return nil, nvml.ERROR_INSUFFICIENT_RESOURCES
 	}
-	g.nextGI++
-	id := g.nextGI
+	taken := map[int]bool{}
+	for _, other := range g.gis {
+		taken[other.id] = true
+	}
+	id := lowestFree(taken, 1)
 	gi := &simGI{handle: &mock.GpuInstance{}, gpu: g, id: id, profile: pi, start: start}
 	s.wireGI(gi)
 	g.gis = append(g.gis, gi)
 	sort.Slice(g.gis, func(a, b int) bool { return g.gis[a].start < g.gis[b].start })
 	s.log("create", gi, nil)
 	return gi.handle, nvml.SUCCESS
+}
+
+// lowestFree is the smallest ID from first on that is not taken.
+func lowestFree(taken map[int]bool, first int) int {
+	id := first
+	for taken[id] {
+		id++
+	}
+	return id
 }
 
 func containsStart(starts []int, start int) bool {
@@ -514,10 +570,11 @@ func (s *Simulator) wireGI(gi *simGI) {
 		if info.SliceCount == 0 || used+int(info.SliceCount) > size {
 			return nil, nvml.ERROR_INSUFFICIENT_RESOURCES
 		}
-		id := 0
+		taken := map[int]bool{}
 		for _, ci := range gi.cis {
-			id = max(id, ci.id+1)
+			taken[ci.id] = true
 		}
+		id := lowestFree(taken, 0) // compute-instance IDs are 0-based and reused too
 		ci := &simCI{handle: &mock.ComputeInstance{}, device: &mock.Device{}, gi: gi, id: id, slices: int(info.SliceCount),
 			uuid: "MIG-" + uuid.NewSHA1(uuid.NameSpaceOID, fmt.Appendf(nil, "%s/%d/%d", g.dev.UUID, gi.id, id)).String()}
 		s.wireCI(ci, info.Id)

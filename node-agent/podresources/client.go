@@ -7,6 +7,8 @@ package podresources
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -45,6 +47,9 @@ type Devices struct {
 	Used map[string]string
 	// Allocatable holds every device ID kubelet knows, allocated or not.
 	Allocatable map[string]bool
+	// Pods holds every pod ("namespace/name") kubelet lists: those it
+	// admitted, with devices or without.
+	Pods map[string]bool
 }
 
 // Devices lists the allocated and allocatable device IDs of the resources
@@ -61,8 +66,9 @@ func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
 	if err != nil {
 		return Devices{}, fmt.Errorf("listing allocatable resources from kubelet at %s: %w", c.socket, err)
 	}
-	d := Devices{Used: map[string]string{}, Allocatable: map[string]bool{}}
+	d := Devices{Used: map[string]string{}, Allocatable: map[string]bool{}, Pods: map[string]bool{}}
 	for _, pod := range list.GetPodResources() {
+		d.Pods[pod.GetNamespace()+"/"+pod.GetName()] = true
 		for _, ctr := range pod.GetContainers() {
 			for _, dev := range ctr.GetDevices() {
 				if strings.HasPrefix(dev.GetResourceName(), prefix) {
@@ -81,6 +87,42 @@ func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
 		}
 	}
 	return d, nil
+}
+
+// Allocatable is kubelet's GetAllocatableResources for the resources whose
+// names start with prefix: the device IDs, per resource name, that kubelet
+// holds healthy from the device plugins now, allocated or not, sorted,
+// without "::n" replica suffixes. It is what kubelet can hand to a pod at
+// admission: a device the plugin no longer advertises, or one of a plugin
+// that is down (kubelet marks all its devices unhealthy), is not in it. A
+// resource without healthy devices is absent.
+func (c *Client) Allocatable(ctx context.Context, prefix string) (map[string][]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	alloc, err := c.api.GetAllocatableResources(ctx, &v1.AllocatableResourcesRequest{})
+	if err != nil {
+		return nil, fmt.Errorf("listing allocatable resources from kubelet at %s: %w", c.socket, err)
+	}
+	sets := map[string]map[string]bool{}
+	for _, dev := range alloc.GetDevices() {
+		r := dev.GetResourceName()
+		if !strings.HasPrefix(r, prefix) {
+			continue
+		}
+		// kubelet sends one entry per device (and NUMA node), not one per
+		// resource: collect them all.
+		for _, id := range dev.GetDeviceIds() {
+			if sets[r] == nil {
+				sets[r] = map[string]bool{}
+			}
+			sets[r][baseID(id)] = true
+		}
+	}
+	out := map[string][]string{}
+	for r, ids := range sets {
+		out[r] = slices.Sorted(maps.Keys(ids))
+	}
+	return out, nil
 }
 
 // baseID strips the "::n" suffix of a shared (time-sliced or MPS) replica.

@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 )
 
 // The client reads real gRPC from the server on a unix socket: used and
@@ -37,6 +38,89 @@ func TestClientServer(t *testing.T) {
 	d, err = c.Devices(context.Background(), "nvidia.com/mig-")
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0"}, d.Used)
+}
+
+// Allocatable is GetAllocatableResources by resource: every device
+// kubelet holds healthy, allocated or not, from its one-entry-per-device
+// wire form; a resource whose plugin is down (nothing healthy) is absent.
+func TestAllocatable(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "kubelet.sock")
+	srv := NewServer()
+	require.NoError(t, srv.Serve(socket))
+	t.Cleanup(srv.Stop)
+	srv.SetAllocatable("nvidia.com/mig-1g.10gb", []string{"MIG-b", "MIG-a", "MIG-a::1"})
+	srv.SetAllocatable("nvidia.com/mig-3g.40gb", []string{"MIG-c"})
+	srv.SetAllocatable("example.com/fpga", []string{"fpga0"})
+	srv.Allocate("team/train", "main", "nvidia.com/mig-3g.40gb", "MIG-c")
+
+	c, err := Dial(socket, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	got, err := c.Allocatable(context.Background(), "nvidia.com/mig-")
+	require.NoError(t, err)
+	assert.Equal(t, map[string][]string{
+		"nvidia.com/mig-1g.10gb": {"MIG-a", "MIG-b"},
+		"nvidia.com/mig-3g.40gb": {"MIG-c"},
+	}, got, "allocated devices are allocatable too; replicas collapse")
+
+	raw, err := v1.NewPodResourcesListerClient(c.conn).GetAllocatableResources(context.Background(), &v1.AllocatableResourcesRequest{})
+	require.NoError(t, err)
+	for _, d := range raw.GetDevices() {
+		assert.Len(t, d.GetDeviceIds(), 1, "one entry per device, as kubelet sends them")
+	}
+
+	srv.SetAllocatable("nvidia.com/mig-1g.10gb", nil) // its plugin went down
+	got, err = c.Allocatable(context.Background(), "nvidia.com/mig-")
+	require.NoError(t, err)
+	assert.Equal(t, map[string][]string{"nvidia.com/mig-3g.40gb": {"MIG-c"}}, got)
+	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"MIG-c": "team/train"}, d.Used)
+	assert.Equal(t, map[string]bool{"MIG-c": true}, d.Allocatable)
+
+	srv.Stop()
+	_, err = c.Allocatable(context.Background(), "nvidia.com/mig-")
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "listing allocatable resources from kubelet at "+socket)
+}
+
+// List shows every active pod the owner added, with its listed containers,
+// devices or not, one entry per device; Get finds one; a released pod is
+// gone.
+func TestServerListsPods(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "kubelet.sock")
+	srv := NewServer()
+	require.NoError(t, srv.Serve(socket))
+	t.Cleanup(srv.Stop)
+	srv.AddPod("team/cpu-only", "main")
+	srv.AddPod("team/two", "main", "sidecar")
+	srv.Allocate("team/two", "main", "nvidia.com/mig-1g.10gb", "MIG-a", "MIG-b")
+
+	c, err := Dial(socket, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	api := v1.NewPodResourcesListerClient(c.conn)
+	list, err := api.List(context.Background(), &v1.ListPodResourcesRequest{})
+	require.NoError(t, err)
+	require.Len(t, list.GetPodResources(), 2)
+	two := list.GetPodResources()[1]
+	assert.Equal(t, "two", two.GetName())
+	require.Len(t, two.GetContainers(), 2)
+	assert.Equal(t, "main", two.GetContainers()[0].GetName())
+	assert.Len(t, two.GetContainers()[0].GetDevices(), 2, "one entry per device")
+	assert.Empty(t, two.GetContainers()[1].GetDevices())
+
+	got, err := api.Get(context.Background(), &v1.GetPodResourcesRequest{PodNamespace: "team", PodName: "cpu-only"})
+	require.NoError(t, err)
+	assert.Equal(t, "cpu-only", got.GetPodResources().GetName())
+	srv.Release("team/cpu-only")
+	_, err = api.Get(context.Background(), &v1.GetPodResourcesRequest{PodNamespace: "team", PodName: "cpu-only"})
+	require.Error(t, err)
+
+	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"MIG-a": "team/two", "MIG-b": "team/two"}, d.Used)
+	assert.Equal(t, map[string]bool{"team/two": true}, d.Pods, "every listed pod, devices or not")
 }
 
 func TestClientWithoutKubelet(t *testing.T) {

@@ -60,15 +60,40 @@ func (s *Server) Stop() {
 	}
 }
 
-// SetAllocatable replaces the device IDs of a resource, as a device plugin
-// registering with kubelet does.
+// SetAllocatable replaces the device IDs of a resource that kubelet holds
+// healthy, which GetAllocatableResources serves: what the device plugin
+// advertises while kubelet has it registered and healthy, none while the
+// plugin is down. nil or empty removes the resource.
 func (s *Server) SetAllocatable(resource string, ids []string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if len(ids) == 0 {
+		delete(s.allocatable, resource)
+		return
+	}
 	s.allocatable[resource] = append([]string(nil), ids...)
 }
 
+// AddPod records an active pod ("namespace/name") and the containers
+// kubelet lists for it (app containers and sidecars), with no devices yet:
+// kubelet's List shows every active pod, with or without devices.
+func (s *Server) AddPod(pod string, containers ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pods[pod] == nil {
+		s.pods[pod] = map[string]map[string][]string{}
+	}
+	for _, c := range containers {
+		if s.pods[pod][c] == nil {
+			s.pods[pod][c] = map[string][]string{}
+		}
+	}
+}
+
 // Allocate records that a pod's container holds device IDs of a resource.
+// kubelet lists app containers and restartable init containers (sidecars)
+// only: its owner must not record devices of a regular init container
+// here (they are allocated to the pod all the same).
 func (s *Server) Allocate(pod, container, resource string, ids ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -110,15 +135,27 @@ func (s *Server) Get(_ context.Context, req *v1.GetPodResourcesRequest) (*v1.Get
 	return &v1.GetPodResourcesResponse{PodResources: s.podLocked(key)}, nil
 }
 
-// GetAllocatableResources implements the API.
+// GetAllocatableResources implements the API. Like kubelet
+// (containerDevicesFromResourceDeviceInstances), it sends one entry per
+// device, not one per resource.
 func (s *Server) GetAllocatableResources(context.Context, *v1.AllocatableResourcesRequest) (*v1.AllocatableResourcesResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := &v1.AllocatableResourcesResponse{}
 	for _, r := range slices.Sorted(maps.Keys(s.allocatable)) {
-		out.Devices = append(out.Devices, &v1.ContainerDevices{ResourceName: r, DeviceIds: append([]string(nil), s.allocatable[r]...)})
+		out.Devices = append(out.Devices, perDevice(r, s.allocatable[r])...)
 	}
 	return out, nil
+}
+
+// perDevice is kubelet's wire form of a resource's devices: one
+// ContainerDevices per device ID.
+func perDevice(resource string, ids []string) []*v1.ContainerDevices {
+	out := make([]*v1.ContainerDevices, 0, len(ids))
+	for _, id := range ids {
+		out = append(out, &v1.ContainerDevices{ResourceName: resource, DeviceIds: []string{id}})
+	}
+	return out
 }
 
 func (s *Server) podLocked(key string) *v1.PodResources {
@@ -127,7 +164,7 @@ func (s *Server) podLocked(key string) *v1.PodResources {
 	for _, c := range slices.Sorted(maps.Keys(s.pods[key])) {
 		cr := &v1.ContainerResources{Name: c}
 		for _, r := range slices.Sorted(maps.Keys(s.pods[key][c])) {
-			cr.Devices = append(cr.Devices, &v1.ContainerDevices{ResourceName: r, DeviceIds: append([]string(nil), s.pods[key][c][r]...)})
+			cr.Devices = append(cr.Devices, perDevice(r, s.pods[key][c][r])...)
 		}
 		pr.Containers = append(pr.Containers, cr)
 	}

@@ -9,7 +9,7 @@
 // index 0 with 3g.40gb@4 held by a pod, and whose spec (plan p-7, not yet
 // observed) wants [1g.10gb@0 1g.10gb@1 3g.40gb@4], decodes to InFlight, GPU
 // 0 with Slices [3g.40gb@4 used] and Desired [1g.10gb@0 1g.10gb@1
-// 3g.40gb@4], and Kept {3g.40gb: 1}: the 1g slices do not exist yet.
+// 3g.40gb@4]; planning starts from Desired (GPU.Start).
 package partition
 
 import (
@@ -41,11 +41,6 @@ type Node struct {
 	PlanTime time.Time
 	// GPUs are the GPUs the status reports, in index order.
 	GPUs []GPU
-	// Kept counts, per profile, the slices that exist and that the spec
-	// keeps: on the GPUs the spec lists, those at the same placement; on
-	// the others, all. A slice the spec is about to create does not count
-	// until it exists, nor one it replaces by another of the same profile.
-	Kept map[mig.ProfileName]int
 	// Used counts the slices a container holds.
 	Used int
 	// Err says why the node cannot be planned with: a malformed status or
@@ -103,7 +98,7 @@ func (g *GPU) Start(inFlight bool) []Slice {
 // cannot be decoded or planned with is in Err. (The agent reads the spec
 // with DesiredLayouts, which reports a malformed GPU layout per GPU.)
 func Decode(np *v1alpha1.NodePartition) *Node {
-	n := &Node{Object: np, PlanID: np.Spec.PlanID, Kept: map[mig.ProfileName]int{}}
+	n := &Node{Object: np, PlanID: np.Spec.PlanID}
 	n.InFlight = np.Spec.PlanID != "" && np.Spec.PlanID != np.Status.ObservedPlanID
 	if t, err := time.Parse(time.RFC3339Nano, np.Annotations[PlanTimeAnnotation]); err == nil {
 		n.PlanTime = t
@@ -119,14 +114,7 @@ func Decode(np *v1alpha1.NodePartition) *Node {
 		if err := specErrs[g.Index]; err != nil && n.InFlight {
 			errs = append(errs, fmt.Errorf("gpu %d: spec: %w", g.Index, err))
 		}
-		want := map[mig.Slice]bool{}
-		for _, s := range g.Desired {
-			want[s] = true
-		}
 		for _, s := range g.Slices {
-			if !g.Listed || want[s.Slice] {
-				n.Kept[s.Profile]++
-			}
 			if s.Used {
 				n.Used++
 			}

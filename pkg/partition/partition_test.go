@@ -31,7 +31,6 @@ func TestDecode(t *testing.T) {
 	assert.True(t, inflight.InFlight)
 	assert.Equal(t, []Slice{{Slice: slice("3g.40gb", 0), Used: true}, {Slice: slice("3g.40gb", 4)}},
 		inflight.GPUs[0].Start(inflight.InFlight), "a plan in flight is the layout to plan from")
-	assert.Equal(t, map[mig.ProfileName]int{mig.MustParseProfile("3g.40gb"): 1}, inflight.Kept, "3g.40gb@4 is planned, not there yet")
 
 	off := Decode(builders.NodePartition(nil, "", "", v1alpha1.GPUStatus{Index: 0, Model: "A100-80GB", MIGMode: v1alpha1.MIGDisabled}, builders.GPU(1, "GeForce RTX 4090")))
 	require.ErrorContains(t, off.Err, "no GPU with MIG enabled and a known model")
@@ -42,18 +41,6 @@ func TestDecode(t *testing.T) {
 
 	malformed := Decode(builders.NodePartition(nil, "", "", builders.GPU(0, "A100-80GB", builders.Used("3g.40", 0))))
 	require.ErrorContains(t, malformed.Err, `gpu 0: invalid MIG profile "3g.40"`)
-}
-
-// Kept counts what exists and stays: on a GPU the spec lists, only the
-// slices at the same placement; on a GPU it does not list, all.
-func TestKept(t *testing.T) {
-	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "2g.20gb", Start: 0}, {Profile: "1g.10gb", Start: 2}, {Profile: "1g.10gb", Start: 3}, {Profile: "3g.40gb", Start: 4}}}}
-	n := Decode(builders.NodePartition(spec, "p-2", "p-1",
-		builders.GPU(0, "A100-80GB", builders.Free("1g.10gb", 1), builders.Free("1g.10gb", 2), builders.Free("1g.10gb", 3), builders.Used("3g.40gb", 4)),
-		builders.GPU(1, "A100-80GB", builders.Free("1g.10gb", 0))))
-	require.NoError(t, n.Err)
-	assert.Equal(t, map[mig.ProfileName]int{mig.MustParseProfile("1g.10gb"): 3, mig.MustParseProfile("3g.40gb"): 1}, n.Kept,
-		"1g.10gb@1 of gpu 0 goes; gpu 1 is not in the spec")
 }
 
 // A GPU whose status lists the profiles NVML offers is modelled with those:

@@ -348,14 +348,16 @@ func TestBadInput(t *testing.T) {
 	e.waitPhase(60*time.Second, v1.PodRunning, "good")
 	assert.Equal(t, v1.PodPending, e.phase("no-such-profile"))
 
-	// A pod bound by hand to a node without a free slice is rejected by
-	// kubelet's admission, as a real kubelet does.
-	bypass := local.Pod("bypass", map[string]int64{"nvidia.com/mig-7g.80gb": 1})
+	// A pod bound by hand to a node without a free slice of its profile
+	// (the one 2g.20gb is good's) is rejected by kubelet's device manager,
+	// for good, as a real kubelet does.
+	bypass := local.Pod("bypass", map[string]int64{"nvidia.com/mig-2g.20gb": 1})
 	bypass.Namespace, bypass.Spec.NodeName = e.ns, "bad-1"
 	_, err := cluster.Kube.CoreV1().Pods(e.ns).Create(context.Background(), bypass, metav1.CreateOptions{})
 	require.NoError(t, err)
 	e.waitPhase(30*time.Second, v1.PodFailed, "bypass")
 	p, err := cluster.Kube.CoreV1().Pods(e.ns).Get(context.Background(), "bypass", metav1.GetOptions{})
 	require.NoError(t, err)
-	assert.Equal(t, "OutOfnvidia.com/mig-7g.80gb", p.Status.Reason)
+	assert.Equal(t, "UnexpectedAdmissionError", p.Status.Reason)
+	assert.Contains(t, p.Status.Message, "nvidia.com/mig-2g.20gb")
 }

@@ -344,9 +344,22 @@ func TestNodeAgent(t *testing.T) {
 			return len(c.coreEvents(t, "NodePartition", "used", agent.ReasonSliceInUse)) == 1, nil
 		})
 
-		// Once the pod is gone the slice is free and the spec is applied.
+		// Once the pod is gone the slice is free, but the refused plan is
+		// never pursued (it was made for pods that may be long gone): the
+		// scheduler plans again from the status, and a new plan is applied.
 		require.NoError(t, c.cs.CoreV1().Pods(ns).Delete(context.Background(), "holder", metav1.DeleteOptions{}))
-		c.waitApplied(t, "used", "p-2")
+		waitFor(t, 10*time.Second, "the slice reported free", func() (bool, error) {
+			for _, s := range c.partition(t, "used").Status.GPUs[0].Slices {
+				if s.Used {
+					return false, nil
+				}
+			}
+			return true, nil
+		})
+		time.Sleep(2 * time.Second) // two resyncs of the agent
+		assert.Equal(t, []string{"1g.10gb@0", "1g.10gb@1"}, layoutStrings(n.Sim.Layout(0)), "refused plan p-2 not applied later")
+		c.publish(t, "used", "p-3", map[int32][]string{0: {"7g.80gb@0"}})
+		c.waitApplied(t, "used", "p-3")
 		assert.Equal(t, []string{"7g.80gb@0"}, layoutStrings(n.Sim.Layout(0)))
 	})
 
@@ -488,14 +501,25 @@ func TestNodeAgent(t *testing.T) {
 		require.NoError(t, c.cs.AppsV1().Deployments(ns).Delete(context.Background(), "seed", metav1.DeleteOptions{}))
 	})
 
-	t.Run("kubelet unreachable: slices are created, none destroyed", func(t *testing.T) {
+	t.Run("kubelet unreachable: slices are created, none destroyed, every slice counts as used", func(t *testing.T) {
 		n := c.simNode(t, "nokubelet", 0, "A100-80GB")
 		c.startAgentWithSocket(t, n, n.Socket+".absent", 10*time.Second)
 		c.waitReported(t, "nokubelet")
 		c.publish(t, "nokubelet", "p-1", map[int32][]string{0: {"1g.10gb@0", "1g.10gb@1"}})
-		c.waitApplied(t, "nokubelet", "p-1")
+		// The slices are created, but without kubelet neither who holds
+		// them nor what it can allocate is known: they are reported used,
+		// and the plan is not confirmed applied.
+		var np *v1alpha1.NodePartition
+		waitFor(t, 30*time.Second, "p-1's slices reported, used", func() (bool, error) {
+			np = c.partition(t, "nokubelet")
+			slices := np.Status.GPUs[0].Slices
+			return len(slices) == 2 && slices[0].Used && slices[1].Used, nil
+		})
+		assert.Equal(t, []string{"1g.10gb@0", "1g.10gb@1"}, layoutStrings(n.Sim.Layout(0)))
+		assert.NotEqual(t, "p-1", np.Status.ObservedPlanID, "not confirmed without kubelet")
+		assert.Equal(t, agent.ReasonKubeletUnreachable, condition(np, v1alpha1.ConditionFailed).Reason)
 		c.publish(t, "nokubelet", "p-2", map[int32][]string{0: {"7g.80gb@0"}})
-		np := c.waitRefused(t, "nokubelet", "p-2")
+		np = c.waitRefused(t, "nokubelet", "p-2")
 		assert.Equal(t, agent.ReasonKubeletUnreachable, condition(np, v1alpha1.ConditionFailed).Reason)
 		assert.Equal(t, []string{"1g.10gb@0", "1g.10gb@1"}, layoutStrings(n.Sim.Layout(0)))
 	})

@@ -1,22 +1,43 @@
-// Package nodesim plays, against a real API server, what kubelet and the
-// NVIDIA device plugin do for one node whose GPUs are simulated: the Node
-// with the labels GPU Feature Discovery sets; a device-plugin pod that,
-// when deleted, comes back and only then re-scans NVML and advertises the
-// node's MIG slices (as the real plugin discovers devices only at start);
-// admission of bound pods onto specific free slices (Failed with
-// "OutOf<resource>" when none is free, as kubelet does), which then run;
-// release of the slices when pods finish or go; and the kubelet
-// PodResources API on a unix socket. The integration tests, the end-to-end
-// tests and the local cluster use it with the real agent.
+// Package nodesim plays, against a real API server, what kubelet, the
+// container runtime and the NVIDIA device plugin do for one node whose GPUs
+// are simulated. It is a light node model, for the integration tests, the
+// local cluster and many-node benchmarks where the real kubelet cannot go;
+// it must be at least as strict as kubelet v1.37 (k8s.io/kubernetes
+// pkg/kubelet/cm/devicemanager, cited function by function):
+//
+//   - the Node, with the labels GPU Feature Discovery sets;
+//   - a device-plugin pod that, when deleted, comes back after RestartDelay
+//     and only RegisterDelay after it is Ready re-scans NVML and registers
+//     the node's MIG slices (the real plugin discovers devices only at
+//     start). From the deletion until then kubelet holds all the plugin's
+//     devices unhealthy: GetAllocatableResources lists none, Node
+//     allocatable drops to 0 while capacity stays, and a pod admitted then
+//     that asks for one of them fails for good (UnexpectedAdmissionError);
+//   - Node capacity and allocatable written only at kubelet's status ticks
+//     (StatusUpdatePeriod), so the scheduler sees them late, as it does;
+//   - admission: kubelet's device manager picks the devices of each
+//     container, in no particular order (pseudo-random, seeded), from the
+//     healthy devices no active pod holds, or rejects the pod as kubelet
+//     does; then kubelet's resource predicates (OutOf<resource>);
+//   - containers: a container whose MIG device no longer exists cannot be
+//     created (StartError, as the NVIDIA container runtime fails it); its
+//     simulated CUDA process starts on the device ProcessDelay after the
+//     container (so NVML shows IN_USE only then), fails if the device has
+//     gone by then, and stops when the pod ends; failed containers restart
+//     with kubelet's back-off, or fail the pod under restartPolicy Never;
+//   - the kubelet PodResources API on a unix socket, listing what kubelet
+//     lists (not regular init containers' devices).
+//
+// Every device a pod held (Holds) and every failure caused by a MIG device
+// (Failures) is recorded for the tests.
 package nodesim
 
 import (
 	"context"
 	"fmt"
-	"maps"
+	"hash/fnv"
+	"math/rand"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -29,15 +50,12 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/util/retry"
 	"k8s.io/client-go/util/workqueue"
-	resourcehelper "k8s.io/component-helpers/resource"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
-	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -48,7 +66,18 @@ const (
 	DevicePluginApp       = "nvidia-device-plugin-daemonset"
 )
 
-// Options describe a simulated node.
+// Defaults of Options.
+const (
+	// DefaultRegisterDelay: NVML scan and registration of a started plugin.
+	DefaultRegisterDelay = 100 * time.Millisecond
+	// DefaultStatusUpdatePeriod is kubelet's nodeStatusUpdateFrequency.
+	DefaultStatusUpdatePeriod = 10 * time.Second
+	// DefaultProcessDelay: from a container's start to its CUDA process.
+	DefaultProcessDelay = 300 * time.Millisecond
+)
+
+// Options describe a simulated node. Durations left zero take their
+// default; a negative one means "at once".
 type Options struct {
 	Name   string
 	Models []string // catalog models of its GPUs, MIG mode on, no slices
@@ -56,18 +85,39 @@ type Options struct {
 	// SocketDir holds the PodResources socket (keep the path short: unix
 	// sockets are limited to 108 bytes).
 	SocketDir string
-	// RestartDelay is how long the device plugin takes to come back.
+	// RestartDelay is how long the device plugin's pod takes to come back
+	// (Running and Ready) once the old one is gone.
 	RestartDelay time.Duration
+	// RegisterDelay is how long the plugin then takes to scan NVML and
+	// register with kubelet (default DefaultRegisterDelay). Its pod is
+	// Ready meanwhile and its resources are still unhealthy: a Ready
+	// plugin pod does not mean the slices are advertised.
+	RegisterDelay time.Duration
+	// StatusUpdatePeriod is kubelet's nodeStatusUpdateFrequency: Node
+	// capacity and allocatable of the device-plugin resources change only
+	// at these ticks, the first at a random phase (default
+	// DefaultStatusUpdatePeriod, kubelet's 10 s; negative: at every change,
+	// which is kinder than kubelet — only where a test says why).
+	StatusUpdatePeriod time.Duration
+	// ProcessDelay is how long a container with MIG devices takes from its
+	// start to its CUDA process on them (default DefaultProcessDelay): the
+	// window in which NVML does not yet report the device IN_USE.
+	ProcessDelay time.Duration
+	// Seed seeds kubelet's choice among free devices, so that runs
+	// reproduce; 0 derives it from Name.
+	Seed int64
 	// Slices exist on the GPUs before anything starts: GPU index → slices.
 	Slices map[int][]mig.Slice
 }
 
 // DevicesAnnotation on a pod names the device IDs ("MIG-…", comma
-// separated) kubelet must give it, instead of any free ones.
+// separated) kubelet must give it, instead of any free ones; if they are
+// not free, admission fails as when no device is.
 const DevicesAnnotation = "dynamig.io/devices"
 
 // RunSecondsAnnotation on a pod makes the stand-in kubelet finish it
-// (Succeeded) that many seconds after it started running.
+// (Succeeded) that many seconds after it started, if all its containers
+// run then.
 const RunSecondsAnnotation = "dynamig.io/run-seconds"
 
 // Node is a running simulated node.
@@ -82,22 +132,78 @@ type Node struct {
 	opts   Options
 	queue  workqueue.TypedInterface[string]
 	store  cache.Store
+	kick   chan struct{} // a status write is due (StatusUpdatePeriod < 0)
+	// gracePeriod is kubelet's endpointStopGracePeriod.
+	gracePeriod time.Duration
 
-	mu          sync.Mutex
-	starting    bool // a device-plugin start is under way
-	pluginUID   types.UID
-	restarts    int
-	paused      bool
-	allocations map[string]map[string][]string // pod key → resource → device IDs
-	advertised  map[string][]string            // resource → device IDs
-	holds       []Hold
+	mu            sync.Mutex
+	rng           *rand.Rand
+	starting      bool      // a device-plugin start is under way
+	pluginUID     types.UID // the live device-plugin pod, "" while none
+	registeredUID types.UID // the plugin pod whose plugin is registered with kubelet
+	started       bool      // a plugin pod was created before
+	restarts      int
+	paused        bool
+	endpoints     map[string]*endpoint // resource → kubelet's registration and device health
+	nodeStatus    nodeStatus           // MIG capacity and allocatable as last written to the Node
+	pods          map[string]*podState // "namespace/name" → admitted or rejected pod
+	holds         []Hold
+	failures      []Failure
 }
 
-// Hold is a device a pod held from admission until release; To is zero
-// while it still holds it.
+// Hold is a device a pod held (kubelet had it allocated to the pod) from
+// admission until release; To is zero while it still holds it.
 type Hold struct {
 	Device, Pod string
+	Resource    string // the resource name the pod got it under
 	From, To    time.Time
+}
+
+// Failure kinds.
+const (
+	// FailureAdmission: kubelet rejected the pod for a MIG resource; the pod
+	// is Failed for good (UnexpectedAdmissionError, OutOf<resource>).
+	FailureAdmission = "Admission"
+	// FailureNoDevice: kubelet admitted the pod without a device of a MIG
+	// resource it asks for, as it does for an extended resource that
+	// neither a device plugin nor the Node knows (predicate.go,
+	// removeMissingExtendedResources): it runs without its GPU.
+	FailureNoDevice = "AdmittedWithoutDevice"
+	// FailureContainerStart: the container runtime could not create a
+	// container because its MIG device does not exist (StartError).
+	FailureContainerStart = "ContainerStart"
+	// FailureProcessStart: a running container's CUDA process found its
+	// MIG device gone (the container exits with an error).
+	FailureProcessStart = "ProcessStart"
+	// FailureProcessStop: stopping a CUDA process failed; its device went
+	// while it ran, which NVML forbids.
+	FailureProcessStop = "ProcessStop"
+	// FailureWrongDevice: a container started on a device whose UUID, after
+	// its slice was destroyed, names a slice of another profile now. The
+	// runtime cannot tell: the pod runs on a slice it did not ask for, which
+	// kubelet may give another pod under that slice's resource name.
+	FailureWrongDevice = "WrongDevice"
+)
+
+// Failure is a pod that failed, or a container that could not start or
+// run, because of a MIG device.
+type Failure struct {
+	Time      time.Time
+	Kind      string // FailureAdmission, …
+	Pod       string // "namespace/name"
+	Container string // "" for admission
+	Resource  string // the MIG resource, where one is to blame
+	Device    string // the device ID, where one is to blame
+	Reason    string // as kubelet reports it: "UnexpectedAdmissionError", "StartError", …
+	Message   string
+}
+
+func (f Failure) String() string {
+	s := fmt.Sprintf("%s %s %s", f.Time.Format(time.StampMilli), f.Kind, f.Pod)
+	if f.Container != "" {
+		s += " container " + f.Container
+	}
+	return s + fmt.Sprintf(": %s: %s", f.Reason, f.Message)
 }
 
 // Holds returns every device hold so far, oldest first.
@@ -107,9 +213,18 @@ func (n *Node) Holds() []Hold {
 	return append([]Hold(nil), n.holds...)
 }
 
+// Failures returns every failure caused by a MIG device so far, oldest
+// first. A run that kept its promise has none.
+func (n *Node) Failures() []Failure {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]Failure(nil), n.failures...)
+}
+
 // Start creates the Node, serves PodResources, starts the device plugin
 // and admits the pods bound to the node until ctx ends.
 func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, error) {
+	o = withDefaults(o)
 	sim, err := gpu.NewSimulator(o.Name, o.Models...)
 	if err != nil {
 		return nil, err
@@ -121,8 +236,9 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	n := &Node{
 		Name: o.Name, Sim: sim, Socket: filepath.Join(o.SocketDir, o.Name+".sock"),
 		cs: cs, plugin: plugin, server: podresources.NewServer(), opts: o,
-		queue:       workqueue.NewTyped[string](),
-		allocations: map[string]map[string][]string{}, advertised: map[string][]string{},
+		queue: workqueue.NewTyped[string](), kick: make(chan struct{}, 1), gracePeriod: endpointStopGracePeriod,
+		rng:       rand.New(rand.NewSource(o.Seed)),
+		endpoints: map[string]*endpoint{}, pods: map[string]*podState{},
 	}
 	for g, slices := range o.Slices {
 		for _, sl := range slices {
@@ -137,30 +253,43 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	if err := n.createNode(ctx); err != nil {
 		return nil, err
 	}
-	if err := n.advertise(ctx); err != nil {
+	// The plugin comes up with the node: registered, and in the Node's
+	// status before Start returns (the first status tick).
+	uid, err := n.createPlugin(ctx)
+	if err == nil && uid == "" {
+		err = fmt.Errorf("node %s: a device-plugin pod %s/%s exists already", o.Name, DevicePluginNamespace, n.pluginName())
+	}
+	if err != nil {
 		return nil, err
 	}
-	if err := n.createPlugin(ctx); err != nil {
+	ids, err := n.scan()
+	if err != nil {
+		return nil, err
+	}
+	n.register(uid, ids)
+	if err := n.writeNodeStatus(ctx); err != nil {
 		return nil, err
 	}
 	factory := informers.NewSharedInformerFactoryWithOptions(cs, 0, informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
 		lo.FieldSelector = "spec.nodeName=" + o.Name
 	}))
 	inf := factory.Core().V1().Pods().Informer()
-	enqueue := func(obj any) {
-		if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj); err == nil {
-			n.queue.Add(key)
-		}
-	}
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: enqueue, UpdateFunc: func(_, obj any) { enqueue(obj) }, DeleteFunc: enqueue,
+		AddFunc:    func(obj any) { n.enqueue(obj, false) },
+		UpdateFunc: func(_, obj any) { n.enqueue(obj, false) },
+		DeleteFunc: func(obj any) { n.enqueue(obj, true) },
 	}); err != nil {
 		return nil, err
 	}
 	n.store = inf.GetStore()
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
+	var phase time.Duration // of the status ticks: the node's own, from its seed
+	if o.StatusUpdatePeriod > 0 {
+		phase = time.Duration(rand.New(rand.NewSource(o.Seed + 1)).Int63n(int64(o.StatusUpdatePeriod)))
+	}
 	go n.run(ctx)
+	go n.statusLoop(ctx, phase)
 	go func() {
 		<-ctx.Done()
 		n.queue.ShutDown()
@@ -168,6 +297,47 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 		_ = n.plugin.Close()
 	}()
 	return n, nil
+}
+
+func withDefaults(o Options) Options {
+	def := func(d *time.Duration, v time.Duration) {
+		switch {
+		case *d == 0:
+			*d = v
+		case *d < 0:
+			*d = -1
+		}
+	}
+	def(&o.RegisterDelay, DefaultRegisterDelay)
+	def(&o.StatusUpdatePeriod, DefaultStatusUpdatePeriod)
+	def(&o.ProcessDelay, DefaultProcessDelay)
+	o.RestartDelay = max(o.RestartDelay, 0)
+	if o.Seed == 0 {
+		h := fnv.New64a()
+		_, _ = h.Write([]byte(o.Name))
+		o.Seed = int64(h.Sum64() >> 1)
+	}
+	return o
+}
+
+// after is d, or 0 for "at once" (negative).
+func after(d time.Duration) time.Duration { return max(d, 0) }
+
+// enqueue queues a pod's key. A device-plugin pod that is going is seen
+// here, at once (deleted says the informer deleted it): kubelet stops its
+// container and the plugin's gRPC streams end, whatever comes next.
+func (n *Node) enqueue(obj any, deleted bool) {
+	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+	if err != nil {
+		return
+	}
+	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = tomb.Obj
+	}
+	if pod, ok := obj.(*v1.Pod); ok && n.isPlugin(pod.Namespace, pod.Name) && (deleted || pod.DeletionTimestamp != nil) {
+		n.pluginStopped(pod.UID)
+	}
+	n.queue.Add(key)
 }
 
 func (n *Node) createNode(ctx context.Context) error {
@@ -217,13 +387,16 @@ func (n *Node) PauseDevicePlugin(paused bool) {
 	}
 }
 
-// Holding returns the device IDs a pod ("namespace/name") was given.
+// Holding returns the device IDs a pod ("namespace/name") was given, by
+// resource, while it holds them.
 func (n *Node) Holding(pod string) map[string][]string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	out := map[string][]string{}
-	for r, ids := range n.allocations[pod] {
-		out[r] = append([]string(nil), ids...)
+	if ps, ok := n.pods[pod]; ok && ps.active() {
+		for r, ids := range ps.byResource() {
+			out[r] = ids
+		}
 	}
 	return out
 }
@@ -243,6 +416,10 @@ func (n *Node) DeviceAt(gpuIndex int, s mig.Slice) (string, error) {
 }
 
 func (n *Node) pluginName() string { return "nvidia-device-plugin-" + n.Name }
+
+func (n *Node) isPlugin(ns, name string) bool {
+	return ns == DevicePluginNamespace && name == n.pluginName()
+}
 
 func (n *Node) run(ctx context.Context) {
 	for {
@@ -268,128 +445,41 @@ func (n *Node) sync(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
-	isPlugin := ns == DevicePluginNamespace && name == n.pluginName()
-	if !exists {
-		n.release(key)
-		if isPlugin {
+	if n.isPlugin(ns, name) {
+		if !exists {
 			n.startPlugin(ctx)
+			return nil
 		}
+		if pod := obj.(*v1.Pod); pod.DeletionTimestamp != nil {
+			return n.deletePod(ctx, pod)
+		}
+		return nil
+	}
+	if !exists {
+		n.forget(ctx, key, "")
 		return nil
 	}
 	pod := obj.(*v1.Pod)
-	switch {
-	case pod.DeletionTimestamp != nil:
-		n.release(key)
-		err := n.cs.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0), Preconditions: &metav1.Preconditions{UID: &pod.UID}})
-		if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
-			return nil
+	if pod.DeletionTimestamp != nil {
+		n.forget(ctx, key, pod.UID)
+		return n.deletePod(ctx, pod)
+	}
+	ps := n.state(ctx, key, pod.UID)
+	if ps == nil {
+		if pod.Status.Phase != v1.PodPending {
+			return nil // not ours to admit: already decided elsewhere
 		}
-		return err
-	case isPlugin:
-		return nil
-	case pod.Status.Phase == v1.PodSucceeded || pod.Status.Phase == v1.PodFailed:
-		n.release(key)
-		return nil
-	case pod.Status.Phase == v1.PodPending:
 		return n.admit(ctx, pod)
-	case pod.Status.Phase == v1.PodRunning:
-		return n.finish(ctx, pod)
 	}
-	return nil
+	n.finish(ctx, pod, ps)
+	return n.writePodStatus(ctx, pod, ps)
 }
 
-// finish marks a running pod Succeeded once it has run for its
-// RunSecondsAnnotation, and asks to be called again until then.
-func (n *Node) finish(ctx context.Context, pod *v1.Pod) error {
-	secs, err := strconv.ParseFloat(pod.Annotations[RunSecondsAnnotation], 64)
-	if err != nil || secs <= 0 || pod.Status.StartTime == nil {
-		return nil
-	}
-	end := pod.Status.StartTime.Add(time.Duration(secs * float64(time.Second)))
-	if wait := time.Until(end); wait > 0 {
-		key := pod.Namespace + "/" + pod.Name
-		time.AfterFunc(wait, func() { n.queue.Add(key) })
-		return nil
-	}
-	n.release(pod.Namespace + "/" + pod.Name)
-	updated := pod.DeepCopy()
-	updated.Status.Phase = v1.PodSucceeded
-	now := metav1.Now()
-	updated.Status.Conditions = []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionFalse, Reason: "PodCompleted", LastTransitionTime: now}}
-	for i := range updated.Status.ContainerStatuses {
-		cs := &updated.Status.ContainerStatuses[i]
-		cs.Ready, cs.Started = false, ptr.To(false)
-		cs.State = v1.ContainerState{Terminated: &v1.ContainerStateTerminated{Reason: "Completed", StartedAt: *pod.Status.StartTime, FinishedAt: now}}
-	}
-	_, err = n.cs.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, updated, metav1.UpdateOptions{})
-	if apierrors.IsNotFound(err) {
-		return nil
-	}
-	return err
-}
-
-// admit gives a bound pod specific free devices of each MIG resource it
-// requests and runs it, or fails it as kubelet does when none is free.
-func (n *Node) admit(ctx context.Context, pod *v1.Pod) error {
-	key := pod.Namespace + "/" + pod.Name
-	want, bad := requests(pod)
-	n.mu.Lock()
-	held := map[string]bool{}
-	for _, a := range n.allocations {
-		for _, ids := range a {
-			for _, id := range ids {
-				held[id] = true
-			}
-		}
-	}
-	pinned := map[string]bool{}
-	for _, id := range strings.Split(pod.Annotations[DevicesAnnotation], ",") {
-		if id != "" {
-			pinned[id] = true
-		}
-	}
-	got := map[string][]string{}
-	short := bad
-	for _, r := range slices.Sorted(maps.Keys(want)) {
-		for _, id := range n.advertised[r] {
-			if len(got[r]) < int(want[r]) && !held[id] && (len(pinned) == 0 || pinned[id]) {
-				got[r] = append(got[r], id)
-			}
-		}
-		if len(got[r]) < int(want[r]) && short == "" {
-			short = r
-		}
-	}
-	if short == "" && len(want) > 0 {
-		n.allocations[key] = got
-		for _, ids := range got {
-			for _, id := range ids {
-				n.holds = append(n.holds, Hold{Device: id, Pod: key, From: time.Now()})
-			}
-		}
-	}
-	n.mu.Unlock()
-
-	status := pod.Status.DeepCopy()
-	now := metav1.Now()
-	if short != "" {
-		status.Phase, status.Reason = v1.PodFailed, "OutOf"+short
-		status.Message = fmt.Sprintf("Pod was rejected: Node didn't have enough resource: %s, requested: %d, free: %d", short, want[short], len(got[short]))
-	} else {
-		for r, ids := range got {
-			n.server.Allocate(key, pod.Spec.Containers[0].Name, r, ids...)
-			for _, id := range ids {
-				_ = n.Sim.SetProcess(id, true) // the container runs on the device
-			}
-		}
-		status.Phase, status.StartTime = v1.PodRunning, &now
-		status.Conditions = []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue, LastTransitionTime: now}}
-		status.ContainerStatuses = running(pod.Spec.Containers, now)
-	}
-	updated := pod.DeepCopy()
-	updated.Status = *status
-	_, err := n.cs.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, updated, metav1.UpdateOptions{})
-	if apierrors.IsNotFound(err) {
+// deletePod removes a terminating pod once its containers are stopped,
+// as kubelet does (its grace period is spent at once here).
+func (n *Node) deletePod(ctx context.Context, pod *v1.Pod) error {
+	err := n.cs.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0), Preconditions: &metav1.Preconditions{UID: &pod.UID}})
+	if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
 		return nil
 	}
 	return err
@@ -405,53 +495,14 @@ func running(containers []v1.Container, now metav1.Time) []v1.ContainerStatus {
 	return out
 }
 
-// requests is the pod's MIG demand (demand.Of) by resource name. A MIG
-// resource that names no profile is returned as bad: no device plugin
-// advertises it, so kubelet rejects the pod for it.
-func requests(pod *v1.Pod) (map[string]int64, string) {
-	d, err := demand.Of(pod)
-	if err != nil {
-		for r := range resourcehelper.PodRequests(pod, resourcehelper.PodResourcesOptions{}) {
-			if _, perr := mig.ParseResourceName(string(r)); mig.IsMIGResource(string(r)) && perr != nil {
-				return nil, string(r)
-			}
-		}
-	}
-	out := map[string]int64{}
-	for prof, n := range d {
-		out[prof.ResourceName()] = int64(n)
-	}
-	return out, ""
-}
-
-func (n *Node) release(key string) {
-	n.mu.Lock()
-	a, ok := n.allocations[key]
-	delete(n.allocations, key)
-	for i := range n.holds {
-		if n.holds[i].Pod == key && n.holds[i].To.IsZero() {
-			n.holds[i].To = time.Now()
-		}
-	}
-	n.mu.Unlock()
-	if !ok {
-		return
-	}
-	n.server.Release(key)
-	for _, ids := range a {
-		for _, id := range ids {
-			_ = n.Sim.SetProcess(id, false)
-		}
-	}
-}
-
-// startPlugin brings the device plugin back, in the background, after
-// RestartDelay: it scans NVML, advertises the slices (PodResources and
-// Node status), and its pod is created Running and Ready.
+// startPlugin brings the device plugin back, in the background, unless a
+// plugin pod lives or one is being started: after RestartDelay its pod is
+// created Running and Ready; RegisterDelay later the plugin scans NVML and
+// registers the slices with kubelet, unless its pod went meanwhile.
 func (n *Node) startPlugin(ctx context.Context) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.paused || n.starting {
+	if n.paused || n.starting || n.pluginUID != "" {
 		return
 	}
 	n.starting = true
@@ -461,62 +512,85 @@ func (n *Node) startPlugin(ctx context.Context) {
 			n.starting = false
 			n.mu.Unlock()
 		}()
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, n.opts.RestartDelay) {
 			return
-		case <-time.After(n.opts.RestartDelay):
 		}
-		for ctx.Err() == nil {
-			err := n.advertise(ctx)
-			if err == nil {
-				err = n.createPlugin(ctx)
-			}
-			if err == nil {
-				return
+		var uid types.UID
+		for {
+			var err error
+			if uid, err = n.createPlugin(ctx); err == nil || ctx.Err() != nil {
+				break
 			}
 			klog.FromContext(ctx).V(2).Info("simulated device plugin: retrying its start", "node", n.Name, "err", err)
+			time.Sleep(100 * time.Millisecond)
+		}
+		if uid == "" || !sleep(ctx, after(n.opts.RegisterDelay)) {
+			return // the old pod still terminates: its deletion comes back here
+		}
+		for ctx.Err() == nil {
+			ids, err := n.scan()
+			if err == nil {
+				n.register(uid, ids)
+				return
+			}
+			klog.FromContext(ctx).V(2).Info("simulated device plugin: retrying its NVML scan", "node", n.Name, "err", err)
 			time.Sleep(100 * time.Millisecond)
 		}
 	}()
 }
 
-// createPlugin creates the device plugin's pod, Running and Ready.
-func (n *Node) createPlugin(ctx context.Context) error {
+// sleep waits d or until ctx ends; false if it ended.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+// createPlugin creates the device plugin's pod, Running and Ready, and
+// returns its UID; "" if the old one still exists.
+func (n *Node) createPlugin(ctx context.Context) (types.UID, error) {
 	if _, err := n.cs.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: DevicePluginNamespace}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return err
+		return "", err
 	}
 	pod, err := n.cs.CoreV1().Pods(DevicePluginNamespace).Create(ctx, &v1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: n.pluginName(), Labels: map[string]string{DevicePluginLabel: DevicePluginApp}},
 		Spec:       v1.PodSpec{NodeName: n.Name, Containers: []v1.Container{{Name: "nvidia-device-plugin", Image: "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"}}},
 	}, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
-		return nil // the old one is still terminating: its deletion comes back here
+		return "", nil
 	}
 	if err != nil {
-		return err
+		return "", err
 	}
+	n.mu.Lock()
+	if n.started {
+		n.restarts++
+	}
+	n.started, n.pluginUID = true, pod.UID
+	n.mu.Unlock()
 	now := metav1.Now()
 	pod.Status = v1.PodStatus{Phase: v1.PodRunning, StartTime: &now, Conditions: []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue, LastTransitionTime: now}},
 		ContainerStatuses: running(pod.Spec.Containers, now)}
-	if _, err := n.cs.CoreV1().Pods(DevicePluginNamespace).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
-		return err
+	if _, err := n.cs.CoreV1().Pods(DevicePluginNamespace).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		return pod.UID, fmt.Errorf("device-plugin pod %s status: %w", pod.Name, err)
 	}
-	n.mu.Lock()
-	if n.pluginUID != "" {
-		n.restarts++
-	}
-	n.pluginUID = pod.UID
-	n.mu.Unlock()
-	return nil
+	return pod.UID, nil
 }
 
-// advertise scans NVML as the device plugin does at start (slices with
-// one full-size compute instance, by MIG UUID) and publishes them to
-// PodResources and to Node capacity and allocatable.
-func (n *Node) advertise(ctx context.Context) error {
+// scan lists the MIG devices as the NVIDIA device plugin does at start:
+// slices with one full-size compute instance, by MIG UUID
+// (deviceIDStrategy=uuid), per resource; resources without devices are
+// not registered (NewNVMLResourceManagers skips them).
+func (n *Node) scan() (map[string][]string, error) {
 	gpus, err := n.plugin.GPUs()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ids := map[string][]string{}
 	for _, g := range gpus {
@@ -525,7 +599,7 @@ func (n *Node) advertise(ctx context.Context) error {
 		}
 		ss, err := n.plugin.Slices(g.Index)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		for _, s := range ss {
 			if s.Advertised() {
@@ -534,33 +608,5 @@ func (n *Node) advertise(ctx context.Context) error {
 			}
 		}
 	}
-	n.mu.Lock()
-	for r := range n.advertised {
-		if _, ok := ids[r]; !ok {
-			n.server.SetAllocatable(r, nil)
-		}
-	}
-	n.advertised = ids
-	n.mu.Unlock()
-	for r, list := range ids {
-		n.server.SetAllocatable(r, list)
-	}
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		node, err := n.cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		for _, list := range []v1.ResourceList{node.Status.Capacity, node.Status.Allocatable} {
-			for r := range list {
-				if mig.IsMIGResource(string(r)) {
-					delete(list, r)
-				}
-			}
-			for r, l := range ids {
-				list[v1.ResourceName(r)] = *resource.NewQuantity(int64(len(l)), resource.DecimalSI)
-			}
-		}
-		_, err = n.cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
-		return err
-	})
+	return ids, nil
 }

@@ -8,6 +8,7 @@ import (
 	fwk "k8s.io/kube-scheduler/framework"
 
 	"github.com/dynamig/dynamig/pkg/demand"
+	"github.com/dynamig/dynamig/pkg/guard"
 )
 
 const (
@@ -64,12 +65,17 @@ func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v
 func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil }
 
 // Filter rejects a node without enough free slices of the pod's profiles,
-// so that DynamicMIG is among the pod's rejectors and its queueing hints
-// (slices freed, plan applied) requeue it; NodeResourcesFit's hints alone
-// would wait for allocatable to grow, which no repartition of freed
-// slices causes. On a node whose published plan is not applied yet, only
-// slices that exist and that the plan keeps count (partition.Node.Kept):
-// kubelet may still advertise slices that are about to go.
+// so that DynamicMIG is among the pod's rejectors and is asked again when
+// capacity appears (see requeue.go); NodeResourcesFit's hints alone would
+// wait for allocatable to grow, which no repartition of freed slices
+// causes.
+//
+// It also rejects every MIG pod on a node whose published plan is not
+// applied yet. The kubelet, not the scheduler, picks the device a pod
+// gets, from all the device plugin still advertises — slices the plan is
+// about to destroy included; and the agent restarts the NVIDIA device
+// plugin to apply the plan, during which the kubelet fails the admission
+// of any pod asking for its resources, for good (UnexpectedAdmissionError).
 func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, ni fwk.NodeInfo) *fwk.Status {
 	if _, err := state.Read(simulateKey); err == nil {
 		return nil
@@ -79,23 +85,16 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 		return fwk.AsStatus(err)
 	}
 	node := ni.Node()
-	part := p.partitions.get(node.Name)
-	inFlight := part != nil && part.InFlight
+	if part := p.partitions.get(node.Name); part != nil && part.InFlight && !guard.Off(guard.InFlight) {
+		return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", s.demand, node.Name, part.PlanID))
+	}
 	requested := ni.GetRequested().GetScalarResources()
 	allocatable := ni.GetAllocatable().GetScalarResources()
 	for prof, want := range s.demand {
 		r := v1.ResourceName(prof.ResourceName())
-		usable := allocatable[r]
-		if inFlight {
-			usable = min(usable, int64(part.Kept[prof]))
+		if allocatable[r]-requested[r] < int64(want) {
+			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))
 		}
-		if usable-requested[r] >= int64(want) {
-			continue
-		}
-		if inFlight {
-			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", prof, node.Name, part.PlanID))
-		}
-		return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))
 	}
 	return nil
 }

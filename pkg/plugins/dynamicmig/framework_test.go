@@ -339,3 +339,29 @@ func TestPartitionChangedActivatesOnlyPodsItHelps(t *testing.T) {
 	plugin.partitionChanged(logger, nil, partition.Decode(emptyA100("n2")))
 	assert.ElementsMatch(t, []string{"ns/small", "ns/big"}, activated.pods, "a new A100 can be partitioned for any A100 profile, not H100's 1g.12gb")
 }
+
+// The kubelet, not the scheduler, picks a pod's device, from all the
+// device plugin advertises. On a node whose plan is in flight no MIG pod
+// passes, not even onto a free slice the plan keeps: kubelet might give it
+// the one the plan destroys (1g.10gb@1 here), and the device plugin
+// restarts to apply the plan.
+func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
+	status := builders.GPU(0, "A100-80GB", builders.Free("1g.10gb", 1), builders.Free("1g.10gb", 2), builders.Free("1g.10gb", 3), builders.Used("3g.40gb", 4))
+	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "2g.20gb", Start: 0}, {Profile: "1g.10gb", Start: 2}, {Profile: "1g.10gb", Start: 3}, {Profile: "3g.40gb", Start: 4}}}}
+	inflight := builders.NodePartition(spec, "p-2", "p-1", status)
+	inflight.Name = "n1"
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": inflight}}
+	node := migNode("n1")
+	node.Status.Allocatable["nvidia.com/mig-1g.10gb"] = resource.MustParse("3")
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+	fw, _ := testFramework(t, parts, []*v1.Node{node}, pod)
+	_, ctx := ktesting.NewTestContext(t)
+	state := framework.NewCycleState()
+	_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
+	require.True(t, st.IsSuccess())
+	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
+	require.NoError(t, err)
+	st = fw.RunFilterPlugins(ctx, state, pod, ni)
+	assert.Equal(t, fwk.Unschedulable, st.Code(), "two kept 1g.10gb are free, yet kubelet could give the pod 1g.10gb@1")
+	assert.Contains(t, st.Message(), "being repartitioned (plan p-2 not applied yet)")
+}

@@ -47,6 +47,12 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 		logger.V(2).Info("no MIG layout serves the pod now", "pod", klog.KObj(pod), "demand", s.demand.String(), "reason", a.Reason)
 		return nil, fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no MIG layout can serve %s now: %s", s.demand, a.Reason))
 	}
+	node := views[a.Node]
+	if st := p.fitsPlanned(ctx, state, pod, node.ni, plan, a.Node); !st.IsSuccess() {
+		plansTotal.WithLabelValues(resultFilterFail).Inc()
+		logger.V(2).Info("planned node fails the pod's filters; nothing published", "pod", klog.KObj(pod), "node", a.Node, "status", st.Message())
+		return nil, fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("planned %s on %s, but the node fails the pod's filters: %s", s.demand, a.Node, st.Message()))
+	}
 	planID := p.newPlanID()
 	logger = klog.LoggerWithValues(logger, "plan", planID)
 	created, err := p.publish(klog.NewContext(ctx, logger), planID, plan, views)
@@ -62,12 +68,6 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 		return nil, fwk.AsStatus(err)
 	}
 	podsWaiting.Set(float64(waiting(plan, views, created)))
-	node := views[a.Node]
-	if st := p.fitsPlanned(ctx, state, pod, node.ni, plan, a.Node); !st.IsSuccess() {
-		plansTotal.WithLabelValues(resultFilterFail).Inc()
-		logger.V(2).Info("planned node fails the pod's filters", "pod", klog.KObj(pod), "node", a.Node, "status", st.Message())
-		return nil, fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("planned %s on %s, but the node fails the pod's filters: %s", s.demand, a.Node, st.Message()))
-	}
 	plansTotal.WithLabelValues(resultPlanned).Inc()
 	var msg string
 	if c, ok := created[a.Node]; ok {

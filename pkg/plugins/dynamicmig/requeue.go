@@ -154,7 +154,9 @@ func available(why string, n *partition.Node) map[mig.ProfileName]bool {
 
 // pendingIndex indexes, in the scheduler's pod informer, the pods waiting
 // to be scheduled that ask for MIG slices, by "<schedulerName>" and by
-// "<schedulerName>/<profile>" for each profile they ask for.
+// "<schedulerName>/<profile>" for each profile they ask for. A pod with
+// scheduling gates is not waiting for the scheduler: nothing is planned
+// for it until its gates are removed.
 const pendingIndex = "dynamig.io/pending-mig"
 
 // pendingPods finds pending MIG pods without listing every pod.
@@ -172,7 +174,7 @@ func newPendingPods(h fwk.Handle) (*pendingPods, error) {
 
 func pendingKeys(obj any) ([]string, error) {
 	pod, ok := obj.(*v1.Pod)
-	if !ok || pod.Spec.NodeName != "" || pod.DeletionTimestamp != nil || !demand.AsksForMIG(pod) {
+	if !ok || pod.Spec.NodeName != "" || pod.DeletionTimestamp != nil || len(pod.Spec.SchedulingGates) > 0 || !demand.AsksForMIG(pod) {
 		return nil, nil
 	}
 	d, err := demand.Of(pod)

@@ -30,7 +30,9 @@ type DynamicMIGArgs struct {
 	// repartition. Default: dynamig.io/partitioning=mig.
 	NodeSelector *string `json:"nodeSelector,omitempty"`
 	// PlanTimeout is how long a published plan may stay unapplied before
-	// the scheduler plans around the node. Default: 2m.
+	// the scheduler plans around the node. Default: 5m: longer than the
+	// agent's --device-plugin-timeout (2m) plus an apply, so that a slow
+	// but healthy apply is not planned around.
 	PlanTimeout *metav1.Duration `json:"planTimeout,omitempty"`
 	// MaxNodesPerPlan bounds the nodes one plan considers. Default: 100.
 	MaxNodesPerPlan *int32 `json:"maxNodesPerPlan,omitempty"`
@@ -47,7 +49,7 @@ const (
 )
 
 // DefaultPlanTimeout is the default planTimeout.
-var DefaultPlanTimeout = metav1.Duration{Duration: 2 * time.Minute}
+var DefaultPlanTimeout = metav1.Duration{Duration: 5 * time.Minute}
 
 // SetDefaults fills the fields left out.
 func SetDefaults(a *DynamicMIGArgs) {

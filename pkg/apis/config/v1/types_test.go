@@ -17,7 +17,7 @@ func raw(s string) runtime.Object {
 }
 
 func TestDecodeDefaults(t *testing.T) {
-	want := &config.DynamicMIGArgs{NodeSelector: "dynamig.io/partitioning=mig", PlanTimeout: 2 * time.Minute, MaxNodesPerPlan: 100, MaxPendingPodsPerPlan: 200}
+	want := &config.DynamicMIGArgs{NodeSelector: "dynamig.io/partitioning=mig", PlanTimeout: 5 * time.Minute, MaxNodesPerPlan: 100, MaxPendingPodsPerPlan: 200}
 	for _, obj := range []runtime.Object{nil, raw(""), raw("{}"), raw(`{"kind":"DynamicMIGArgs","apiVersion":"kubescheduler.config.k8s.io/v1"}`)} {
 		got, err := Decode(obj)
 		require.NoError(t, err)
