@@ -193,15 +193,15 @@ func TestDeviceChoiceIsSeededAndUnordered(t *testing.T) {
 // admitted then fails for good with UnexpectedAdmissionError; PodResources
 // lists nothing allocatable; Node capacity stays while allocatable is 0.
 func TestPluginRestartWindow(t *testing.T) {
-	h := start(t, Options{Slices: sevenOnes, RestartDelay: time.Second, RegisterDelay: time.Second, StatusUpdatePeriod: -1, ProcessDelay: -1})
+	h := start(t, Options{Slices: sevenOnes, RestartDelay: 3 * time.Second, RegisterDelay: 2 * time.Second, StatusUpdatePeriod: -1, ProcessDelay: -1})
 	h.create(gpuPod("before", "", map[string]int64{r1g: 1}))
 	h.waitPhase("before", v1.PodRunning)
 	held := h.node.Holding("team/before")[r1g]
 	require.Len(t, h.allocatable()[r1g], 7)
 
 	h.deletePlugin()
-	h.waitFor("the plugin's devices unhealthy", time.Second, func() bool { return len(h.allocatable()) == 0 })
-	h.waitFor("Node allocatable 0", time.Second, func() bool {
+	h.waitFor("the plugin's devices unhealthy", 3*time.Second, func() bool { return len(h.allocatable()) == 0 })
+	h.waitFor("Node allocatable 0", 3*time.Second, func() bool {
 		c, a, _ := h.nodeResources(r1g)
 		return c == 7 && a == 0
 	})
@@ -212,13 +212,13 @@ func TestPluginRestartWindow(t *testing.T) {
 	assert.Equal(t, held, h.node.Holding("team/before")[r1g], "a running pod keeps its device")
 
 	// The new plugin pod is Ready before the plugin registers.
-	h.waitFor("a new plugin pod", 3*time.Second, func() bool {
+	h.waitFor("a new plugin pod", 10*time.Second, func() bool {
 		pp, err := h.cs.CoreV1().Pods(DevicePluginNamespace).Get(context.Background(), h.node.pluginName(), metav1.GetOptions{})
 		return err == nil && pp.Status.Phase == v1.PodRunning
 	})
 	assert.Empty(t, h.allocatable(), "Ready is not registered")
-	h.waitFor("re-registration", 3*time.Second, func() bool { return len(h.allocatable()[r1g]) == 7 })
-	h.waitFor("Node allocatable back", time.Second, func() bool {
+	h.waitFor("re-registration", 10*time.Second, func() bool { return len(h.allocatable()[r1g]) == 7 })
+	h.waitFor("Node allocatable back", 10*time.Second, func() bool {
 		_, a, _ := h.nodeResources(r1g)
 		return a == 7
 	})
@@ -246,7 +246,7 @@ func TestNodeStatusAtTicks(t *testing.T) {
 	_, a, _ := h.nodeResources(r1g)
 	require.Equal(t, int64(7), a, "written when the node started")
 	h.deletePlugin()
-	h.waitFor("unhealthy in the device manager", time.Second, func() bool { return len(h.allocatable()) == 0 })
+	h.waitFor("unhealthy in the device manager", 10*time.Second, func() bool { return len(h.allocatable()) == 0 })
 	time.Sleep(300 * time.Millisecond)
 	c, a, _ := h.nodeResources(r1g)
 	assert.Equal(t, []int64{7, 7}, []int64{c, a}, "the Node lags until the next tick")
@@ -254,7 +254,7 @@ func TestNodeStatusAtTicks(t *testing.T) {
 	// With ticks every 300 ms it follows within one.
 	h = start(t, Options{Slices: sevenOnes, StatusUpdatePeriod: 300 * time.Millisecond, RestartDelay: time.Hour})
 	h.deletePlugin()
-	h.waitFor("the tick", 2*time.Second, func() bool {
+	h.waitFor("the tick", 10*time.Second, func() bool {
 		c, a, _ := h.nodeResources(r1g)
 		return c == 7 && a == 0
 	})
@@ -284,7 +284,7 @@ func TestAdmissionFailures(t *testing.T) {
 	// The plugin goes and never comes back: after the grace period kubelet
 	// drops its resources; the Node lists them at 0.
 	h.deletePlugin()
-	h.waitFor("3g.40gb dropped", 2*time.Second, func() bool {
+	h.waitFor("3g.40gb dropped", 10*time.Second, func() bool {
 		c, a, listed := h.nodeResources("nvidia.com/mig-3g.40gb")
 		return listed && c == 0 && a == 0
 	})
@@ -320,11 +320,11 @@ func TestProcessStartsLate(t *testing.T) {
 	require.True(t, ok)
 	require.Zero(t, h.processes(id))
 	require.NoError(t, h.lib.Destroy(gpuIdx, s.Profile, s.Start), "no process yet: NVML lets it go")
-	h.waitFor("the process failing", 4*time.Second, func() bool { return len(h.node.Failures()) == 1 })
+	h.waitFor("the process failing", 10*time.Second, func() bool { return len(h.node.Failures()) == 1 })
 	f := h.node.Failures()[0]
 	assert.Equal(t, FailureProcessStart, f.Kind)
 	assert.Equal(t, id, f.Device)
-	h.waitFor("the container waiting for its restart", 2*time.Second, func() bool {
+	h.waitFor("the container waiting for its restart", 5*time.Second, func() bool {
 		cs := h.pod("late").Status.ContainerStatuses
 		return len(cs) == 1 && cs[0].State.Waiting != nil && cs[0].LastTerminationState.Terminated != nil
 	})
@@ -339,10 +339,10 @@ func TestProcessStartsLate(t *testing.T) {
 	busy := h.node.Holding("team/busy")[r1g][0]
 	_, bs, ok := h.node.Sim.MIGDevice(busy)
 	require.True(t, ok)
-	h.waitFor("its process", 4*time.Second, func() bool { return h.processes(busy) == 1 })
+	h.waitFor("its process", 10*time.Second, func() bool { return h.processes(busy) == 1 })
 	require.ErrorIs(t, h.lib.Destroy(0, bs.Profile, bs.Start), gpu.ErrInUse, "its process runs")
 	require.NoError(t, h.cs.CoreV1().Pods("team").Delete(context.Background(), "busy", metav1.DeleteOptions{}))
-	h.waitFor("the process stopped", 2*time.Second, func() bool { return h.processes(busy) == 0 })
+	h.waitFor("the process stopped", 10*time.Second, func() bool { return h.processes(busy) == 0 })
 	require.NoError(t, h.lib.Destroy(0, bs.Profile, bs.Start))
 	assert.Len(t, h.node.Failures(), 1)
 }
