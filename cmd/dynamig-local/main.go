@@ -38,6 +38,8 @@ func main() {
 	fs.IntVar(&b.Pods, "bench-pods", 100, "benchmark: MIG pods in the burst")
 	fs.IntVar(&b.CPUPods, "bench-cpu-pods", 500, "benchmark: non-GPU pods for the throughput comparison (0: skip)")
 	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
+	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
+	soakSeed := fs.Uint64("soak-seed", 1, "soak: the first run's seed (run i uses seed+i; a failing seed reruns with --soak 1 --soak-seed S)")
 	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
 	// Flags may come before or after the scenario file.
 	var positional []string
@@ -66,6 +68,19 @@ func main() {
 		klog.SetOutput(io.Discard)
 		if err := local.Bench(ctx, b, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if *soak > 0 {
+		violations, err := local.RunSoak(ctx, local.SoakOptions{Runs: *soak, Seed: *soakSeed, Cluster: local.Options{
+			Dir: o.Dir, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay, DevicePluginTimeout: 30 * time.Second,
+		}}, os.Stdout)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+			os.Exit(1)
+		}
+		if violations > 0 {
 			os.Exit(1)
 		}
 		return

@@ -63,25 +63,37 @@ func TestMain(m *testing.M) {
 
 // env is one test's slice of the cluster.
 type env struct {
-	t     *testing.T
-	ns    string
-	group string
-	nodes []*nodesim.Node
+	t      *testing.T
+	ns     string
+	group  string
+	suffix string // of the namespace and node names after the first run (go test -count=N)
+	nodes  []*nodesim.Node
 }
+
+// runs counts each test's runs in this process, so that -count=N gives
+// every run its own namespace and nodes.
+var runs = map[string]int{}
 
 func newEnv(t *testing.T, name string) *env {
 	ctx := context.Background()
+	runs[name]++
+	suffix := ""
+	if runs[name] > 1 {
+		suffix = fmt.Sprintf("-r%d", runs[name])
+	}
+	name += suffix
 	_, err := cluster.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		_ = cluster.Kube.CoreV1().Pods(name).DeleteCollection(context.Background(), metav1.DeleteOptions{}, metav1.ListOptions{})
 	})
-	return &env{t: t, ns: name, group: name}
+	return &env{t: t, ns: name, group: name, suffix: suffix}
 }
 
 // node adds a simulated node of the test's group and waits until its
-// agent reports it.
+// agent reports it. Its name has the run's suffix.
 func (e *env) node(name string, models ...string) *nodesim.Node {
+	name += e.suffix
 	n, err := cluster.AddNode(nodesim.Options{Name: name, Models: models, Labels: map[string]string{"e2e": e.group}})
 	require.NoError(e.t, err)
 	e.nodes = append(e.nodes, n)
@@ -160,23 +172,19 @@ func (e *env) waitPhase(timeout time.Duration, phase v1.PodPhase, names ...strin
 	})
 }
 
-// noUsedSliceDestroyed checks the simulators' logs of destroyed MIG
-// devices against the stand-in kubelets' record of which pod held which
-// device when: no device was destroyed while a pod held it.
-func (e *env) noUsedSliceDestroyed() {
+// invariants checks the test's nodes with local.Violations: no device
+// destroyed while held, none held twice, no pod failed because of a MIG
+// device (but the pods named, which the test fails on purpose).
+func (e *env) invariants(expected ...string) {
 	e.t.Helper()
 	destroyed := 0
 	for _, n := range e.nodes {
-		holds := n.Holds()
+		for _, v := range local.Violations(n, expected...) {
+			e.t.Error(v)
+		}
 		for _, op := range n.Sim.Ops() {
-			if op.Kind != "destroy-ci" {
-				continue
-			}
-			destroyed++
-			for _, h := range holds {
-				if h.Device == op.UUID && !op.Time.Before(h.From) && (h.To.IsZero() || op.Time.Before(h.To)) {
-					e.t.Errorf("node %s: %s (%s) destroyed at %s while pod %s held it", n.Name, op.Slice, op.UUID, op.Time.Format(time.StampMilli), h.Pod)
-				}
+			if op.Kind == "destroy-ci" {
+				destroyed++
 			}
 		}
 	}
@@ -202,7 +210,7 @@ func TestSeed(t *testing.T) {
 	}
 	assert.Len(t, devices, 5, "five distinct slices")
 	e.waitFor(20*time.Second, "NodePartition applied and reporting 5 used slices", func() bool {
-		np, err := cluster.Partition(context.Background(), "seed-1")
+		np, err := cluster.Partition(context.Background(), n.Name)
 		if err != nil || np.Status.ObservedPlanID != np.Spec.PlanID {
 			return false
 		}
@@ -217,7 +225,7 @@ func TestSeed(t *testing.T) {
 	m, _ := mig.ModelByName("A100-80GB")
 	require.NoError(t, m.Validate(n.Sim.Layout(0)))
 	assert.Len(t, n.Sim.Layout(0), 5, "exactly the slices the pods need: %v", n.Sim.Layout(0))
-	e.noUsedSliceDestroyed()
+	e.invariants()
 }
 
 // A day in the life: pods of mixed profiles arrive and finish over time on
@@ -239,7 +247,7 @@ func TestDayInTheLife(t *testing.T) {
 		time.Sleep(time.Duration(r.IntN(400)) * time.Millisecond)
 	}
 	e.waitPhase(3*time.Minute, v1.PodSucceeded, names...)
-	e.noUsedSliceDestroyed()
+	e.invariants()
 }
 
 // In-use protection under churn: a long-running pod holds a 3g.40gb while
@@ -263,7 +271,7 @@ func TestInUseProtectionUnderChurn(t *testing.T) {
 	}
 	assert.Equal(t, v1.PodRunning, e.phase("long"))
 	assert.Equal(t, held, n.Holding(e.ns + "/long")["nvidia.com/mig-3g.40gb"], "the long pod keeps its slice")
-	e.noUsedSliceDestroyed()
+	e.invariants()
 }
 
 // Faults: an NVML create failing once, the agent killed mid-plan, the API
@@ -282,12 +290,12 @@ func TestFaults(t *testing.T) {
 	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, 400*time.Millisecond)
 	e.pod("agent-killed", 0, map[string]int64{"nvidia.com/mig-1g.10gb": 2})
 	e.waitFor(20*time.Second, "a plan under way", func() bool {
-		np, err := cluster.Partition(context.Background(), "faults-1")
+		np, err := cluster.Partition(context.Background(), n.Name)
 		return err == nil && np.Spec.PlanID != np.Status.ObservedPlanID
 	})
-	cluster.StopAgent("faults-1")
+	cluster.StopAgent(n.Name)
 	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, 0)
-	require.NoError(t, cluster.StartAgent("faults-1"))
+	require.NoError(t, cluster.StartAgent(n.Name))
 	e.waitPhase(60*time.Second, v1.PodRunning, "agent-killed")
 
 	require.NoError(t, cluster.RestartAPIServer(context.Background()))
@@ -301,7 +309,7 @@ func TestFaults(t *testing.T) {
 	for _, p := range []string{"anchor", "after-nvml-fault", "agent-killed", "after-apiserver-restart"} {
 		assert.Equal(t, v1.PodRunning, e.phase(p), p)
 	}
-	e.noUsedSliceDestroyed()
+	e.invariants()
 }
 
 // Bad input: a pod asking for a profile that does not exist and a
@@ -326,7 +334,7 @@ func TestBadInput(t *testing.T) {
 
 	// A plan nobody could have made: 3g.40gb at 2 is not a placement.
 	require.NoError(t, retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		np, err := cluster.Partitions.Get(context.Background(), "bad-1", metav1.GetOptions{})
+		np, err := cluster.Partitions.Get(context.Background(), n.Name, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
@@ -335,7 +343,7 @@ func TestBadInput(t *testing.T) {
 		return err
 	}))
 	e.waitFor(30*time.Second, "InvalidSpec condition", func() bool {
-		np, err := cluster.Partition(context.Background(), "bad-1")
+		np, err := cluster.Partition(context.Background(), n.Name)
 		if err != nil {
 			return false
 		}
@@ -352,7 +360,7 @@ func TestBadInput(t *testing.T) {
 	// (the one 2g.20gb is good's) is rejected by kubelet's device manager,
 	// for good, as a real kubelet does.
 	bypass := local.Pod("bypass", map[string]int64{"nvidia.com/mig-2g.20gb": 1})
-	bypass.Namespace, bypass.Spec.NodeName = e.ns, "bad-1"
+	bypass.Namespace, bypass.Spec.NodeName = e.ns, n.Name
 	_, err := cluster.Kube.CoreV1().Pods(e.ns).Create(context.Background(), bypass, metav1.CreateOptions{})
 	require.NoError(t, err)
 	e.waitPhase(30*time.Second, v1.PodFailed, "bypass")
@@ -360,4 +368,5 @@ func TestBadInput(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "UnexpectedAdmissionError", p.Status.Reason)
 	assert.Contains(t, p.Status.Message, "nvidia.com/mig-2g.20gb")
+	e.invariants(e.ns + "/bypass")
 }

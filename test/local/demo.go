@@ -56,37 +56,12 @@ func Demo(ctx context.Context, o DemoOptions, out io.Writer) (bool, error) {
 	if o.TimeScale <= 0 {
 		return false, fmt.Errorf("--time-scale must be positive, got %g", o.TimeScale)
 	}
-	dir := o.Dir
-	if dir == "" {
-		var err error
-		if dir, err = os.MkdirTemp("", "dynamig-local-"); err != nil {
-			return false, err
-		}
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
-		return false, err
-	}
-	// The scheduler and agents log to a file, not over the timeline.
-	logFile, err := os.Create(filepath.Join(dir, "dynamig.log"))
+	c, stop, err := startLogged(ctx, Options{Dir: o.Dir, Progress: out, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay})
 	if err != nil {
 		return false, err
-	}
-	defer func() { _ = logFile.Close() }()
-	klog.LogToStderr(false)
-	klog.SetOutput(logFile)
-	c, err := Start(ctx, Options{Dir: dir, Progress: out, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay})
-	if err != nil {
-		return false, fmt.Errorf("%w (logs in %s)", err, dir)
 	}
 	ok := false
-	defer func() {
-		c.Stop()
-		if ok && o.Dir == "" {
-			_ = os.RemoveAll(dir)
-		} else {
-			fmt.Fprintf(out, "logs kept in %s\n", dir)
-		}
-	}()
-	fmt.Fprintf(out, "cluster up; scheduler and agent logs in %s\n\n", logFile.Name())
+	defer func() { stop(!ok) }()
 
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: DemoNamespace}}, metav1.CreateOptions{}); err != nil {
 		return false, err
@@ -115,13 +90,50 @@ func Demo(ctx context.Context, o DemoOptions, out io.Writer) (bool, error) {
 		return false, err
 	}
 	if !ok {
-		printPending(ctx, c, out)
+		printPending(ctx, c, DemoNamespace, out)
 	}
 	if o.KeepRunning {
 		fmt.Fprintf(out, "\nthe cluster keeps running; in another shell:\n  export KUBECONFIG=%s\n  kubectl get nodepartitions\n  kubectl -n %s get pods -o wide\nCtrl-C stops it.\n", c.Kubeconfig, DemoNamespace)
 		<-ctx.Done()
 	}
 	return ok, nil
+}
+
+// startLogged starts a local cluster in o.Dir (a temporary directory if
+// empty) whose scheduler and agents log to dynamig.log there, not over the
+// output. stop stops it and removes a temporary directory, unless keep.
+func startLogged(ctx context.Context, o Options) (*Cluster, func(keep bool), error) {
+	tmp := o.Dir == ""
+	if tmp {
+		var err error
+		if o.Dir, err = os.MkdirTemp("", "dynamig-local-"); err != nil {
+			return nil, nil, err
+		}
+	} else if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return nil, nil, err
+	}
+	logFile, err := os.Create(filepath.Join(o.Dir, "dynamig.log"))
+	if err != nil {
+		return nil, nil, err
+	}
+	klog.LogToStderr(false)
+	klog.SetOutput(logFile)
+	c, err := Start(ctx, o)
+	if err != nil {
+		_ = logFile.Close()
+		return nil, nil, fmt.Errorf("%w (logs in %s)", err, o.Dir)
+	}
+	fmt.Fprintf(o.Progress, "cluster up; scheduler and agent logs in %s\n\n", logFile.Name())
+	return c, func(keep bool) {
+		c.Stop()
+		klog.Flush()
+		_ = logFile.Close()
+		if tmp && !keep {
+			_ = os.RemoveAll(o.Dir)
+		} else {
+			fmt.Fprintf(o.Progress, "logs kept in %s\n", o.Dir)
+		}
+	}, nil
 }
 
 // seed is the default run: one node with one empty A100-80GB and a
@@ -306,9 +318,9 @@ func printLayouts(ctx context.Context, c *Cluster, out io.Writer) error {
 	return nil
 }
 
-// printPending says why the pods that did not run are waiting.
-func printPending(ctx context.Context, c *Cluster, out io.Writer) {
-	pods, err := c.Kube.CoreV1().Pods(DemoNamespace).List(ctx, metav1.ListOptions{})
+// printPending says why the pods of namespace ns that did not run are waiting.
+func printPending(ctx context.Context, c *Cluster, ns string, out io.Writer) {
+	pods, err := c.Kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return
 	}

@@ -1,0 +1,234 @@
+package local
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/nodesim"
+)
+
+// SoakOptions configure Soak.
+type SoakOptions struct {
+	// Cluster configures the local cluster RunSoak starts.
+	Cluster Options
+	// Runs is the number of random scenarios; run i has seed Seed+i.
+	Runs int
+	Seed uint64
+	// RunTimeout bounds one run: its pods must all have finished by then
+	// (default 3m).
+	RunTimeout time.Duration
+}
+
+// RunSoak starts a local cluster, soaks it (Soak) and stops it, keeping
+// its directory and logs if anything was violated.
+func RunSoak(ctx context.Context, o SoakOptions, out io.Writer) (int, error) {
+	o.Cluster.Progress = out
+	c, stop, err := startLogged(ctx, o.Cluster)
+	if err != nil {
+		return 0, err
+	}
+	violations, err := Soak(ctx, c, o, out)
+	stop(violations > 0 || err != nil)
+	return violations, err
+}
+
+// soakPool is the soak's nodes, shared by every run, so that each run
+// starts from the slices the runs before it left: churn.
+var soakPool = []nodesim.Options{
+	{Name: "soak-a100", Models: []string{"A100-80GB", "A100-80GB"}},
+	{Name: "soak-h100", Models: []string{"H100-80GB"}},
+	{Name: "soak-a30", Models: []string{"A30"}},
+}
+
+// soakFaults are what a run may inject, at a random moment of its burst.
+var soakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart"}
+
+// Soak runs random scenarios on the local cluster, one after another on the
+// same nodes: a burst of pods asking for random profiles of the nodes'
+// GPUs (one or two slices, running 0.5–4 s) and one fault at a random
+// moment. After each run it checks, from the simulators' own records,
+// that every pod ran and finished, no device was destroyed or handed out
+// twice while held, and no pod failed because of a MIG device
+// (Violations). It prints a line per run, with its seed and every
+// violation, and returns the number of violations.
+func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, error) {
+	if o.RunTimeout == 0 {
+		o.RunTimeout = 3 * time.Minute
+	}
+	var nodes []*nodesim.Node
+	for _, opts := range soakPool {
+		opts.Labels = map[string]string{"dynamig-soak": "true"}
+		n, err := c.AddNode(opts)
+		if err != nil {
+			return 0, err
+		}
+		if err := waitReported(ctx, c, n.Name); err != nil {
+			return 0, fmt.Errorf("node %s not reported: %w", n.Name, err)
+		}
+		nodes = append(nodes, n)
+	}
+	reported := map[string]bool{}
+	total := 0
+	start := time.Now()
+	for i := range o.Runs {
+		seed := o.Seed + uint64(i)
+		t0 := time.Now()
+		desc, problems, err := soakRun(ctx, c, nodes, seed, o.RunTimeout)
+		if err != nil {
+			return total, fmt.Errorf("run %d (seed %d): %w", i+1, seed, err)
+		}
+		for _, n := range nodes {
+			for _, v := range Violations(n) {
+				if !reported[v] {
+					reported[v] = true
+					problems = append(problems, v)
+				}
+			}
+		}
+		verdict := "ok"
+		if len(problems) > 0 {
+			verdict = fmt.Sprintf("%d VIOLATIONS", len(problems))
+		}
+		fmt.Fprintf(out, "run %d/%d seed %d: %s, %.1fs: %s\n", i+1, o.Runs, seed, desc, time.Since(t0).Seconds(), verdict)
+		for _, p := range problems {
+			fmt.Fprintf(out, "  violation (seed %d): %s\n", seed, p)
+		}
+		total += len(problems)
+	}
+	fmt.Fprintf(out, "soak: %d runs (seeds %d–%d), %d violations, %s\n", o.Runs, o.Seed, o.Seed+uint64(o.Runs)-1, total, time.Since(start).Round(time.Second))
+	return total, nil
+}
+
+// soakRun runs the scenario of one seed: it returns what it did and the
+// pods that did not run and finish.
+func soakRun(ctx context.Context, c *Cluster, nodes []*nodesim.Node, seed uint64, timeout time.Duration) (string, []string, error) {
+	r := rand.New(rand.NewPCG(seed, 0x50a4))
+	ns := fmt.Sprintf("soak-%d", seed)
+	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		return "", nil, err
+	}
+	defer func() { _ = c.Kube.CoreV1().Pods(ns).DeleteCollection(context.WithoutCancel(ctx), metav1.DeleteOptions{}, metav1.ListOptions{}) }()
+
+	type arrival struct {
+		pod *v1.Pod
+		at  time.Duration
+	}
+	var pods []arrival
+	for i := range 2 + r.IntN(7) {
+		opts := soakPool[r.IntN(len(soakPool))]
+		m, err := mig.ModelByName(opts.Models[r.IntN(len(opts.Models))])
+		if err != nil {
+			return "", nil, err
+		}
+		prof := m.Profiles[r.IntN(len(m.Profiles))]
+		count := int64(1)
+		if prof.MaxCount > 1 && r.IntN(5) == 0 {
+			count = 2
+		}
+		name := fmt.Sprintf("p%d-%s", i, strings.NewReplacer(".", "-", "+", "-").Replace(prof.Name.String()))
+		p := Pod(name, map[string]int64{prof.Name.ResourceName(): count})
+		p.Namespace = ns
+		p.Spec.NodeSelector = map[string]string{"dynamig-soak": "true"}
+		p.Annotations = map[string]string{nodesim.RunSecondsAnnotation: fmt.Sprintf("%.1f", 0.5+3.5*r.Float64())}
+		pods = append(pods, arrival{pod: p, at: time.Duration(r.IntN(3000)) * time.Millisecond})
+	}
+	fault := soakFaults[r.IntN(len(soakFaults))]
+	faultAt := time.Duration(r.IntN(4000)) * time.Millisecond
+	victim := nodes[r.IntN(len(nodes))]
+
+	begin := time.Now()
+	slices.SortFunc(pods, func(a, b arrival) int { return int(a.at - b.at) })
+	injected := false
+	for _, a := range pods {
+		if !injected && faultAt <= a.at {
+			time.Sleep(time.Until(begin.Add(faultAt)))
+			if err := inject(ctx, c, victim, fault); err != nil {
+				return "", nil, err
+			}
+			injected = true
+		}
+		time.Sleep(time.Until(begin.Add(a.at)))
+		if _, err := c.Kube.CoreV1().Pods(ns).Create(ctx, a.pod, metav1.CreateOptions{}); err != nil {
+			return "", nil, fmt.Errorf("creating pod %s: %w", a.pod.Name, err)
+		}
+	}
+	if !injected {
+		time.Sleep(time.Until(begin.Add(faultAt)))
+		if err := inject(ctx, c, victim, fault); err != nil {
+			return "", nil, err
+		}
+	}
+	desc := fmt.Sprintf("%d pods, fault %s on %s at %.1fs", len(pods), fault, victim.Name, faultAt.Seconds())
+
+	var problems []string
+	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
+		list, err := c.Kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, nil
+		}
+		problems = problems[:0]
+		done := 0
+		for _, p := range list.Items {
+			switch p.Status.Phase {
+			case v1.PodSucceeded:
+				done++
+			case v1.PodFailed:
+				done++
+				problems = append(problems, fmt.Sprintf("pod %s/%s failed: %s %s", ns, p.Name, p.Status.Reason, p.Status.Message))
+			}
+		}
+		return done == len(pods), nil
+	})
+	if err != nil {
+		printPending(ctx, c, ns, &problemWriter{&problems})
+		problems = append(problems, fmt.Sprintf("pods of %s not all finished within %s", ns, timeout))
+	}
+	return desc, problems, nil
+}
+
+// inject makes a fault happen now; a lasting one heals by itself.
+func inject(ctx context.Context, c *Cluster, n *nodesim.Node, fault string) error {
+	switch fault {
+	case "agent-killed":
+		c.StopAgent(n.Name)
+		time.Sleep(500 * time.Millisecond)
+		return c.StartAgent(n.Name)
+	case "nvml-create-fails":
+		n.Sim.FailCall(gpu.MethodCreateGPUInstance, 1, gpu.FaultUnknown)
+	case "device-plugin-slow":
+		n.PauseDevicePlugin(true)
+		go func() {
+			time.Sleep(3 * time.Second)
+			n.PauseDevicePlugin(false)
+		}()
+	case "scheduler-restart":
+		c.StopScheduler()
+		return c.StartScheduler()
+	case "apiserver-restart":
+		return c.RestartAPIServer(ctx)
+	}
+	return nil
+}
+
+// problemWriter collects printed lines as problems.
+type problemWriter struct{ lines *[]string }
+
+func (w *problemWriter) Write(b []byte) (int, error) {
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			*w.lines = append(*w.lines, l)
+		}
+	}
+	return len(b), nil
+}
