@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/klog/v2/ktesting"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
@@ -334,4 +336,28 @@ func TestIdentityDiff(t *testing.T) {
 	assert.Empty(t, identityDiff(map[string]bool{"MIG-1g.10gb": true, "MIG-3g.40gb": true}, observed))
 	assert.Equal(t, "kubelet cannot allocate [MIG-3g.40gb] and can allocate [MIG-old]",
 		identityDiff(map[string]bool{"MIG-1g.10gb": true, "MIG-old": true}, observed))
+}
+
+// fakeKubelet answers PodResources with fixed devices.
+type fakeKubelet struct{ devices podresources.Devices }
+
+func (f fakeKubelet) Devices(context.Context, string) (podresources.Devices, error) { return f.devices, nil }
+
+// Just before a destroy the agent asks kubelet again: a slice that was
+// free when observed but that kubelet has since given to a pod is not
+// destroyed, and its GPU is left alone.
+func TestApplyRechecksBeforeDestroy(t *testing.T) {
+	sim, err := gpu.NewSimulator("recheck", "A100-80GB")
+	require.NoError(t, err)
+	lib, err := gpu.Open(sim.Interface())
+	require.NoError(t, err)
+	s, err := lib.Create(0, mig.MustParseProfile("1g.10gb"), 0)
+	require.NoError(t, err)
+	observed := []Observed{{GPU: gpu.GPU{Index: 0}, Slices: []ObservedSlice{{Slice: s}}}}
+	a := &Agent{lib: lib, kubelet: fakeKubelet{podresources.Devices{Used: map[string]string{s.UUID: "team/just-admitted"}}}}
+	_, ctx := ktesting.NewTestContext(t)
+	out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed)
+	assert.Empty(t, out.steps)
+	assert.Equal(t, []Conflict{{0, ReasonSliceInUse, "gpu 0: not changed: 1g.10gb@0 is used by pod team/just-admitted"}}, out.conflicts)
+	assert.Equal(t, []mig.Slice{s.Slice}, sim.Layout(0), "nothing destroyed, nothing created on that GPU")
 }

@@ -79,7 +79,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 		nodes = append(nodes, n)
 	}
 	reported := map[string]bool{}
-	total := 0
+	total, failed := 0, 0
 	start := time.Now()
 	for i := range o.Runs {
 		seed := o.Seed + uint64(i)
@@ -105,8 +105,12 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 			fmt.Fprintf(out, "  violation (seed %d): %s\n", seed, p)
 		}
 		total += len(problems)
+		if len(problems) > 0 {
+			failed++
+		}
 	}
-	fmt.Fprintf(out, "soak: %d runs (seeds %d–%d), %d violations, %s\n", o.Runs, o.Seed, o.Seed+uint64(o.Runs)-1, total, time.Since(start).Round(time.Second))
+	fmt.Fprintf(out, "%d runs (seeds %d–%d), %d violations, %s\n", o.Runs, o.Seed, o.Seed+uint64(o.Runs)-1, total, time.Since(start).Round(time.Second))
+	fmt.Fprintf(out, "soak: %d passed, %d failed\n", o.Runs-failed, failed)
 	return total, nil
 }
 
