@@ -341,7 +341,9 @@ func TestIdentityDiff(t *testing.T) {
 // fakeKubelet answers PodResources with fixed devices.
 type fakeKubelet struct{ devices podresources.Devices }
 
-func (f fakeKubelet) Devices(context.Context, string) (podresources.Devices, error) { return f.devices, nil }
+func (f fakeKubelet) Devices(context.Context, string) (podresources.Devices, error) {
+	return f.devices, nil
+}
 
 // Just before a destroy the agent asks kubelet again: a slice that was
 // free when observed but that kubelet has since given to a pod is not

@@ -122,7 +122,9 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*nodesim.Node, seed uint64
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		return "", nil, err
 	}
-	defer func() { _ = c.Kube.CoreV1().Pods(ns).DeleteCollection(context.WithoutCancel(ctx), metav1.DeleteOptions{}, metav1.ListOptions{}) }()
+	defer func() {
+		_ = c.Kube.CoreV1().Pods(ns).DeleteCollection(context.WithoutCancel(ctx), metav1.DeleteOptions{}, metav1.ListOptions{})
+	}()
 
 	type arrival struct {
 		pod *v1.Pod
