@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"k8s.io/klog/v2"
 
@@ -85,14 +86,17 @@ func (a *Agent) recheck(ctx context.Context, st Step, observed []Observed) (stri
 }
 
 func recordSlices(observed []Observed) {
-	slices.Reset()
+	sliceCount.Reset()
 	for _, o := range observed {
 		for _, s := range o.Slices {
 			state := "free"
-			if s.Holder != "" {
+			switch {
+			case strings.HasSuffix(s.Holder, unknownHolder):
+				state = "unknown"
+			case s.Holder != "":
 				state = "used"
 			}
-			slices.WithLabelValues(s.Profile.String(), state).Inc()
+			sliceCount.WithLabelValues(s.Profile.String(), state).Inc()
 		}
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
 
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/guard"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
@@ -51,27 +52,34 @@ func allocatableDiff(node *v1.Node, want map[v1.ResourceName]int64) string {
 	return strings.Join(diffs, "; ")
 }
 
-// identityDiff says how the MIG device IDs kubelet can allocate differ
-// from the UUIDs of the slices the device plugin should advertise; "" if
-// they do not.
-func identityDiff(allocatable map[string]bool, observed []Observed) string {
+// identityDiff says how the MIG devices kubelet can allocate, per
+// resource name, differ from the slices the device plugin should
+// advertise (by MIG UUID under the profile's resource name); "" if they
+// do not.
+func identityDiff(allocatable map[string][]string, observed []Observed) string {
 	want := map[string]bool{}
 	for _, o := range observed {
 		for _, s := range o.Slices {
 			if s.Advertised() {
-				want[s.UUID] = true
+				want[s.Profile.ResourceName()+" "+s.UUID] = true
 			}
 		}
 	}
-	var missing, extra []string
-	for id := range want {
-		if !allocatable[id] {
-			missing = append(missing, id)
+	have := map[string]bool{}
+	for r, ids := range allocatable {
+		for _, id := range ids {
+			have[r+" "+id] = true
 		}
 	}
-	for id := range allocatable {
-		if !want[id] {
-			extra = append(extra, id)
+	var missing, extra []string
+	for d := range want {
+		if !have[d] {
+			missing = append(missing, d)
+		}
+	}
+	for d := range have {
+		if !want[d] {
+			extra = append(extra, d)
 		}
 	}
 	if len(missing)+len(extra) == 0 || guard.Off(guard.Identity) {
@@ -88,12 +96,15 @@ var errKubeletUnknown = errors.New("cannot confirm what kubelet can allocate")
 
 // advertise makes the device plugin advertise the observed slices, after
 // the agent changed them (changed) or when Node allocatable or the device
-// IDs kubelet can allocate are not exactly them. It holds off (errWait)
-// while a pod bound to the node is not admitted: kubelet fails the
+// IDs kubelet can allocate are not exactly them. kubelet fails the
 // admission of a pod asking for a resource whose plugin restarts, for
-// good. Other errors: kubelet unknown (errKubeletUnknown), or the plugin
-// did not re-advertise within DevicePluginTimeout.
-func (a *Agent) advertise(ctx context.Context, node *v1.Node, obs observation, changed bool) error {
+// good, so before the restart it marks the NodePartition
+// DevicePluginRestarting (the scheduler binds no MIG pod to the node
+// then), and holds off (errWait) while a pod bound to the node is not
+// admitted, checking again after the mark for one bound just before it.
+// Other errors: kubelet unknown (errKubeletUnknown), or the plugin did not
+// re-advertise within DevicePluginTimeout.
+func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, changed bool) error {
 	if obs.kubeletErr != nil {
 		if !changed && allocatableDiff(node, advertisable(obs.gpus)) == "" {
 			return nil // nothing changed; nothing to confirm
@@ -105,6 +116,14 @@ func (a *Agent) advertise(ctx context.Context, node *v1.Node, obs observation, c
 	}
 	if pods := obs.anyWaiting(); len(pods) > 0 && !guard.Off(guard.Admission) {
 		return errWait{why: notAdmitted(pods) + " before restarting the device plugin"}
+	}
+	if err := a.markRestarting(ctx, np); err != nil {
+		return err
+	}
+	if again, err := a.observe(ctx); err == nil && !guard.Off(guard.Admission) {
+		if pods := again.anyWaiting(); len(pods) > 0 {
+			return errWait{why: notAdmitted(pods) + " before restarting the device plugin"}
+		}
 	}
 	return a.readvertise(ctx, obs.gpus)
 }

@@ -9,6 +9,10 @@ const (
 	ReasonNoPlan = "NoPlan"
 	// ReasonApplying: the agent is working on the plan.
 	ReasonApplying = "Applying"
+	// ReasonRestarting, on condition DevicePluginRestarting: the agent
+	// restarts the device plugin; ReasonNotRestarting: it does not.
+	ReasonRestarting    = "Restarting"
+	ReasonNotRestarting = "NotRestarting"
 	// ReasonWaitingForAdmission: a pod bound to the node is not admitted by
 	// kubelet yet; the agent destroys no slice it could be given, and does
 	// not restart the device plugin (which would fail its admission), until

@@ -23,10 +23,10 @@ var (
 		Help:           "Failed NVML calls, by operation and NVML return code.",
 		StabilityLevel: metrics.ALPHA,
 	}, []string{"operation", "code"})
-	slices = metrics.NewGaugeVec(&metrics.GaugeOpts{
+	sliceCount = metrics.NewGaugeVec(&metrics.GaugeOpts{
 		Subsystem:      metricsSubsystem,
 		Name:           "slices",
-		Help:           "MIG slices on the node, by profile and state (used, free).",
+		Help:           "MIG slices on the node, by profile and state (used, free, unknown: counted as used because kubelet cannot say who holds it).",
 		StabilityLevel: metrics.ALPHA,
 	}, []string{"profile", "state"})
 	devicePluginRestart = metrics.NewHistogram(&metrics.HistogramOpts{
@@ -41,6 +41,6 @@ var (
 
 func registerMetrics() {
 	registerOnce.Do(func() {
-		legacyregistry.MustRegister(applyDuration, nvmlErrors, slices, devicePluginRestart)
+		legacyregistry.MustRegister(applyDuration, nvmlErrors, sliceCount, devicePluginRestart)
 	})
 }

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 
@@ -26,8 +28,8 @@ type observation struct {
 	// holders are unknown, so every slice counts as used, and the agent
 	// reports and creates but destroys nothing.
 	kubeletErr error
-	// allocatable are the MIG device IDs kubelet can allocate.
-	allocatable map[string]bool
+	// allocatable are the MIG device IDs kubelet can allocate, per resource.
+	allocatable map[string][]string
 	// waiting lists, per profile, the pods bound to the node that ask for
 	// it and that kubelet has not admitted yet: kubelet may still give them
 	// any free slice of the profile it advertises.
@@ -154,7 +156,7 @@ func (o *observation) anyWaiting() []string {
 // device plugin's deviceIDStrategy=index, kubelet's IDs ("0:1") date from
 // the plugin's last start and name other slices after every change.
 func indexIDs(d podresources.Devices) error {
-	for id := range d.Allocatable {
+	for _, id := range slices.Concat(slices.Collect(maps.Values(d.Allocatable))...) {
 		if !strings.HasPrefix(id, "MIG-") {
 			return fmt.Errorf("kubelet lists MIG device %q, not a MIG UUID: set the NVIDIA device plugin's deviceIDStrategy to uuid (index IDs change after every repartition, so dynamig cannot tell which slice a pod holds)", id)
 		}

@@ -46,7 +46,21 @@ func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out out
 	} else {
 		st.GPUs, events = gpuStatuses(node, obs.gpus)
 	}
-	return st, append(events, conditions(np, &st, out, now)...)
+	events = append(events, conditions(np, &st, out, now)...)
+	// Whatever happened, no restart is under way once a sync reports.
+	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionFalse,
+		Reason: ReasonNotRestarting, ObservedGeneration: np.Generation, LastTransitionTime: now})
+	return st, events
+}
+
+// markRestarting writes DevicePluginRestarting=True before the agent
+// restarts the device plugin; the sync's report sets it False again.
+func (a *Agent) markRestarting(ctx context.Context, np *v1alpha1.NodePartition) error {
+	st := np.Status.DeepCopy()
+	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionTrue,
+		Reason: ReasonRestarting, ObservedGeneration: np.Generation, LastTransitionTime: metav1.Now(),
+		Message: fmt.Sprintf("restarting the device plugin (%s, %s) so that it advertises the node's slices; no MIG pod is bound to the node meanwhile", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector)})
+	return a.writeStatus(ctx, np, *st)
 }
 
 // gpuStatuses reports the GPUs as observed: identity, model name, MIG

@@ -236,7 +236,9 @@ func TestReport(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			before := tt.np.DeepCopy()
 			st, events := report(tt.np, node, tt.obs, tt.out, now)
-			if d := cmp.Diff(tt.status, st); d != "" {
+			want := tt.status // and, after every sync, no restart under way
+			want.Conditions = append(want.Conditions, cond(v1alpha1.ConditionRestarting, metav1.ConditionFalse, ReasonNotRestarting, "", now))
+			if d := cmp.Diff(want, st); d != "" {
 				t.Errorf("status (-want +got):\n%s", d)
 			}
 			if d := cmp.Diff(tt.events, events, cmp.AllowUnexported(event{})); d != "" {
@@ -325,17 +327,21 @@ func TestHolders(t *testing.T) {
 		assert.Equal(t, unknownHolder, s.Holder, "kubelet unreachable: %s counts as used", s.Slice)
 	}
 
-	assert.ErrorContains(t, indexIDs(podresources.Devices{Allocatable: map[string]bool{"MIG-x": true, "0:1": true}}), "deviceIDStrategy to uuid")
-	assert.NoError(t, indexIDs(podresources.Devices{Allocatable: map[string]bool{"MIG-x": true}}))
+	assert.ErrorContains(t, indexIDs(podresources.Devices{Allocatable: map[string][]string{"nvidia.com/mig-1g.10gb": {"MIG-x", "0:1"}}}), "deviceIDStrategy to uuid")
+	assert.NoError(t, indexIDs(podresources.Devices{Allocatable: map[string][]string{"nvidia.com/mig-1g.10gb": {"MIG-x"}}}))
 }
 
 // A re-advertisement is confirmed by the device IDs kubelet can allocate,
-// not by counts: the same number of 1g.10gb under other UUIDs is not it.
+// per resource, not by counts: the same number of 3g.40gb under another
+// UUID is not it, nor the right UUID under another resource name (a
+// reused UUID of a destroyed slice of another profile).
 func TestIdentityDiff(t *testing.T) {
+	const r1, r3 = "nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"
 	observed := []Observed{a100(t, 0, have("1g.10gb", 0, ""), have("3g.40gb", 4, ""))}
-	assert.Empty(t, identityDiff(map[string]bool{"MIG-1g.10gb": true, "MIG-3g.40gb": true}, observed))
-	assert.Equal(t, "kubelet cannot allocate [MIG-3g.40gb] and can allocate [MIG-old]",
-		identityDiff(map[string]bool{"MIG-1g.10gb": true, "MIG-old": true}, observed))
+	assert.Empty(t, identityDiff(map[string][]string{r1: {"MIG-1g.10gb"}, r3: {"MIG-3g.40gb"}}, observed))
+	assert.Equal(t, "kubelet cannot allocate [nvidia.com/mig-3g.40gb MIG-3g.40gb] and can allocate [nvidia.com/mig-3g.40gb MIG-old]",
+		identityDiff(map[string][]string{r1: {"MIG-1g.10gb"}, r3: {"MIG-old"}}, observed))
+	assert.NotEmpty(t, identityDiff(map[string][]string{r1: {"MIG-1g.10gb", "MIG-3g.40gb"}}, observed), "under the wrong resource")
 }
 
 // fakeKubelet answers PodResources with fixed devices.

@@ -45,28 +45,30 @@ func (c *Client) Close() error { return c.conn.Close() }
 type Devices struct {
 	// Used maps a device ID to the pod ("namespace/name") holding it.
 	Used map[string]string
-	// Allocatable holds every device ID kubelet knows, allocated or not.
-	Allocatable map[string]bool
+	// Allocatable holds, per resource name, the device IDs kubelet can
+	// allocate (Client.Allocatable).
+	Allocatable map[string][]string
 	// Pods holds every pod ("namespace/name") kubelet lists: those it
 	// admitted, with devices or without.
 	Pods map[string]bool
 }
 
-// Devices lists the allocated and allocatable device IDs of the resources
-// whose names start with prefix ("nvidia.com/mig-"). IDs are as the device
-// plugin advertised them, without a "::n" replica suffix.
+// Devices lists the pods kubelet admitted, and the allocated and
+// allocatable device IDs of the resources whose names start with prefix
+// ("nvidia.com/mig-"). IDs are as the device plugin advertised them,
+// without a "::n" replica suffix.
 func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	listCtx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	list, err := c.api.List(ctx, &v1.ListPodResourcesRequest{})
+	list, err := c.api.List(listCtx, &v1.ListPodResourcesRequest{})
 	if err != nil {
 		return Devices{}, fmt.Errorf("listing pod resources from kubelet at %s: %w", c.socket, err)
 	}
-	alloc, err := c.api.GetAllocatableResources(ctx, &v1.AllocatableResourcesRequest{})
+	allocatable, err := c.Allocatable(ctx, prefix)
 	if err != nil {
-		return Devices{}, fmt.Errorf("listing allocatable resources from kubelet at %s: %w", c.socket, err)
+		return Devices{}, err
 	}
-	d := Devices{Used: map[string]string{}, Allocatable: map[string]bool{}, Pods: map[string]bool{}}
+	d := Devices{Used: map[string]string{}, Allocatable: allocatable, Pods: map[string]bool{}}
 	for _, pod := range list.GetPodResources() {
 		d.Pods[pod.GetNamespace()+"/"+pod.GetName()] = true
 		for _, ctr := range pod.GetContainers() {
@@ -76,13 +78,6 @@ func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
 						d.Used[baseID(id)] = pod.GetNamespace() + "/" + pod.GetName()
 					}
 				}
-			}
-		}
-	}
-	for _, dev := range alloc.GetDevices() {
-		if strings.HasPrefix(dev.GetResourceName(), prefix) {
-			for _, id := range dev.GetDeviceIds() {
-				d.Allocatable[baseID(id)] = true
 			}
 		}
 	}

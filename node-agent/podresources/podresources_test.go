@@ -32,7 +32,7 @@ func TestClientServer(t *testing.T) {
 	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0", "MIG-c": "team/train"}, d.Used)
-	assert.Equal(t, map[string]bool{"MIG-a": true, "MIG-b": true, "MIG-c": true}, d.Allocatable)
+	assert.Equal(t, map[string][]string{"nvidia.com/mig-1g.10gb": {"MIG-a", "MIG-b"}, "nvidia.com/mig-3g.40gb": {"MIG-c"}}, d.Allocatable)
 
 	srv.Release("team/train")
 	d, err = c.Devices(context.Background(), "nvidia.com/mig-")
@@ -76,7 +76,7 @@ func TestAllocatable(t *testing.T) {
 	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-c": "team/train"}, d.Used)
-	assert.Equal(t, map[string]bool{"MIG-c": true}, d.Allocatable)
+	assert.Equal(t, map[string][]string{"nvidia.com/mig-3g.40gb": {"MIG-c"}}, d.Allocatable)
 
 	srv.Stop()
 	_, err = c.Allocatable(context.Background(), "nvidia.com/mig-")

@@ -20,6 +20,8 @@ import (
 	"sort"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
+
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
@@ -39,6 +41,9 @@ type Node struct {
 	PlanID   string
 	InFlight bool
 	PlanTime time.Time
+	// Restarting is true while the agent restarts the node's device plugin
+	// (condition DevicePluginRestarting), a plan in flight or not.
+	Restarting bool
 	// GPUs are the GPUs the status reports, in index order.
 	GPUs []GPU
 	// Used counts the slices a container holds.
@@ -100,6 +105,7 @@ func (g *GPU) Start(inFlight bool) []Slice {
 func Decode(np *v1alpha1.NodePartition) *Node {
 	n := &Node{Object: np, PlanID: np.Spec.PlanID}
 	n.InFlight = np.Spec.PlanID != "" && np.Spec.PlanID != np.Status.ObservedPlanID
+	n.Restarting = meta.IsStatusConditionTrue(np.Status.Conditions, v1alpha1.ConditionRestarting)
 	if t, err := time.Parse(time.RFC3339Nano, np.Annotations[PlanTimeAnnotation]); err == nil {
 		n.PlanTime = t
 	}

@@ -424,7 +424,7 @@ func TestInitContainers(t *testing.T) {
 	require.NoError(t, err)
 	initOnly := h.node.Holding("team/initonly")[r1g][0]
 	assert.NotContains(t, d.Used, initOnly, "held, yet invisible in PodResources")
-	assert.True(t, d.Allocatable[initOnly])
+	assert.Contains(t, d.Allocatable[r1g], initOnly)
 	// 1 + 1 + 2 + 2 of 7 are held: one more pod of 1 fits, a second not.
 	h.create(gpuPod("fits", "", map[string]int64{r1g: 1}))
 	h.waitPhase("fits", v1.PodRunning)

@@ -71,11 +71,12 @@ func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil 
 // causes.
 //
 // It also rejects every MIG pod on a node whose published plan is not
-// applied yet. The kubelet, not the scheduler, picks the device a pod
-// gets, from all the device plugin still advertises — slices the plan is
-// about to destroy included; and the agent restarts the NVIDIA device
-// plugin to apply the plan, during which the kubelet fails the admission
-// of any pod asking for its resources, for good (UnexpectedAdmissionError).
+// applied yet, or whose agent restarts the device plugin. The kubelet, not
+// the scheduler, picks the device a pod gets, from all the device plugin
+// still advertises — slices the plan is about to destroy included; and
+// the agent restarts the NVIDIA device plugin to apply the plan, during
+// which the kubelet fails the admission of any pod asking for its
+// resources, for good (UnexpectedAdmissionError).
 func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, ni fwk.NodeInfo) *fwk.Status {
 	if _, err := state.Read(simulateKey); err == nil {
 		return nil
@@ -85,8 +86,13 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 		return fwk.AsStatus(err)
 	}
 	node := ni.Node()
-	if part := p.partitions.get(node.Name); part != nil && part.InFlight && !guard.Off(guard.InFlight) {
-		return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", s.demand, node.Name, part.PlanID))
+	if part := p.partitions.get(node.Name); part != nil && !guard.Off(guard.InFlight) {
+		switch {
+		case part.InFlight:
+			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", s.demand, node.Name, part.PlanID))
+		case part.Restarting:
+			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s: the device plugin is restarting", s.demand, node.Name))
+		}
 	}
 	requested := ni.GetRequested().GetScalarResources()
 	allocatable := ni.GetAllocatable().GetScalarResources()

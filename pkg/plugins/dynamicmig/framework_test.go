@@ -364,4 +364,16 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	st = fw.RunFilterPlugins(ctx, state, pod, ni)
 	assert.Equal(t, fwk.Unschedulable, st.Code(), "two kept 1g.10gb are free, yet kubelet could give the pod 1g.10gb@1")
 	assert.Contains(t, st.Message(), "being repartitioned (plan p-2 not applied yet)")
+
+	// No plan in flight, but the agent restarts the device plugin (after
+	// its own restart, say): kubelet would fail the pod's admission.
+	restarting := builders.NodePartition(spec, "p-2", "p-2", status)
+	restarting.Name = "n1"
+	restarting.Status.Conditions = []metav1.Condition{{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionTrue, Reason: "Restarting"}}
+	parts.objects["n1"] = restarting
+	st = fw.RunFilterPlugins(ctx, state, pod, ni)
+	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Contains(t, st.Message(), "the device plugin is restarting")
+	restarting.Status.Conditions[0].Status = metav1.ConditionFalse
+	assert.True(t, fw.RunFilterPlugins(ctx, state, pod, ni).IsSuccess(), "applied, advertised: the pod fits")
 }

@@ -83,6 +83,7 @@ const (
 	planApplied  = "a plan was applied"
 	gpusReported = "the agent reported the node's GPUs"
 	slicesFreed  = "the agent reported slices freed"
+	restarted    = "the device plugin restarted"
 )
 
 // capacityChange says why a NodePartition change may let a pending MIG
@@ -96,6 +97,8 @@ func capacityChange(old, n *partition.Node) string {
 		return gpusReported
 	case old != nil && n.Used < old.Used:
 		return slicesFreed
+	case old != nil && old.Restarting && !n.Restarting:
+		return restarted
 	}
 	return ""
 }
@@ -137,7 +140,7 @@ func available(why string, n *partition.Node) map[mig.ProfileName]bool {
 	for i := range n.GPUs {
 		g := &n.GPUs[i]
 		switch {
-		case why == planApplied:
+		case why == planApplied || why == restarted:
 			for _, s := range g.Slices {
 				if !s.Used {
 					out[s.Profile] = true

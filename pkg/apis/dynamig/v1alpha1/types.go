@@ -86,8 +86,10 @@ type NodePartitionStatus struct {
 	// +kubebuilder:validation:MaxItems=16
 	GPUs []GPUStatus `json:"gpus,omitempty"`
 
-	// Conditions: Applied (the spec's layout exists and is advertised) and
-	// Failed (why the last apply did not succeed, in words a user can act on).
+	// Conditions: Applied (the spec's layout exists and is advertised),
+	// Failed (why the last apply did not succeed, in words a user can act
+	// on), and DevicePluginRestarting (True while the agent restarts the
+	// device plugin: the scheduler binds no MIG pod to the node then).
 	// +optional
 	// +listType=map
 	// +listMapKey=type
@@ -177,6 +179,7 @@ type NodePartitionList struct {
 
 // Condition types and reasons of NodePartition status.
 const (
-	ConditionApplied = "Applied"
-	ConditionFailed  = "Failed"
+	ConditionApplied    = "Applied"
+	ConditionFailed     = "Failed"
+	ConditionRestarting = "DevicePluginRestarting"
 )
