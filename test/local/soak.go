@@ -28,9 +28,6 @@ type SoakOptions struct {
 	// RunTimeout bounds one run: its pods must all have finished by then
 	// (default 3m).
 	RunTimeout time.Duration
-	// Name prefixes the soak's nodes, namespaces and node label (default
-	// "soak"), so that several soaks can share a cluster.
-	Name string
 }
 
 // RunSoak starts a local cluster, soaks it (Soak) and stops it, keeping
@@ -49,13 +46,10 @@ func RunSoak(ctx context.Context, o SoakOptions, out io.Writer) (int, error) {
 // soakPool is the soak's nodes, shared by every run, so that each run
 // starts from the slices the runs before it left: churn.
 var soakPool = []nodesim.Options{
-	{Name: "a100", Models: []string{"A100-80GB", "A100-80GB"}},
-	{Name: "h100", Models: []string{"H100-80GB"}},
-	{Name: "a30", Models: []string{"A30"}},
+	{Name: "soak-a100", Models: []string{"A100-80GB", "A100-80GB"}},
+	{Name: "soak-h100", Models: []string{"H100-80GB"}},
+	{Name: "soak-a30", Models: []string{"A30"}},
 }
-
-// soakLabel on a node names the soak it belongs to.
-const soakLabel = "dynamig.io/soak"
 
 // soakFaults are what a run may inject, at a random moment of its burst.
 var soakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart"}
@@ -72,13 +66,9 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 	if o.RunTimeout == 0 {
 		o.RunTimeout = 3 * time.Minute
 	}
-	if o.Name == "" {
-		o.Name = "soak"
-	}
 	var nodes []*nodesim.Node
 	for _, opts := range soakPool {
-		opts.Name = o.Name + "-" + opts.Name
-		opts.Labels = map[string]string{soakLabel: o.Name}
+		opts.Labels = map[string]string{"dynamig-soak": "true"}
 		n, err := c.AddNode(opts)
 		if err != nil {
 			return 0, err
@@ -94,7 +84,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 	for i := range o.Runs {
 		seed := o.Seed + uint64(i)
 		t0 := time.Now()
-		desc, problems, err := soakRun(ctx, c, o.Name, nodes, seed, o.RunTimeout)
+		desc, problems, err := soakRun(ctx, c, nodes, seed, o.RunTimeout)
 		if err != nil {
 			return total, fmt.Errorf("run %d (seed %d): %w", i+1, seed, err)
 		}
@@ -126,9 +116,9 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 
 // soakRun runs the scenario of one seed: it returns what it did and the
 // pods that did not run and finish.
-func soakRun(ctx context.Context, c *Cluster, name string, nodes []*nodesim.Node, seed uint64, timeout time.Duration) (string, []string, error) {
+func soakRun(ctx context.Context, c *Cluster, nodes []*nodesim.Node, seed uint64, timeout time.Duration) (string, []string, error) {
 	r := rand.New(rand.NewPCG(seed, 0x50a4))
-	ns := fmt.Sprintf("%s-%d", name, seed)
+	ns := fmt.Sprintf("soak-%d", seed)
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		return "", nil, err
 	}
@@ -155,7 +145,7 @@ func soakRun(ctx context.Context, c *Cluster, name string, nodes []*nodesim.Node
 		name := fmt.Sprintf("p%d-%s", i, strings.NewReplacer(".", "-", "+", "-").Replace(prof.Name.String()))
 		p := Pod(name, map[string]int64{prof.Name.ResourceName(): count})
 		p.Namespace = ns
-		p.Spec.NodeSelector = map[string]string{soakLabel: name}
+		p.Spec.NodeSelector = map[string]string{"dynamig-soak": "true"}
 		p.Annotations = map[string]string{nodesim.RunSecondsAnnotation: fmt.Sprintf("%.1f", 0.5+3.5*r.Float64())}
 		pods = append(pods, arrival{pod: p, at: time.Duration(r.IntN(3000)) * time.Millisecond})
 	}
