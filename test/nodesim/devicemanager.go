@@ -148,37 +148,36 @@ func (n *Node) statusChanged() {
 }
 
 // statusLoop writes Node capacity and allocatable at kubelet's status
-// ticks, every StatusUpdatePeriod from a random phase.
+// ticks, every StatusUpdatePeriod from a random phase (or, with a negative
+// period, at every change).
 func (n *Node) statusLoop(ctx context.Context, phase time.Duration) {
 	logger := klog.FromContext(ctx)
-	if n.opts.StatusUpdatePeriod < 0 {
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-n.kick:
-			}
-			if err := n.writeNodeStatus(ctx); err != nil && ctx.Err() == nil {
-				logger.Error(err, "simulated kubelet: node status", "node", n.Name)
+	var t *time.Timer
+	if n.opts.StatusUpdatePeriod >= 0 {
+		t = time.NewTimer(phase)
+		defer t.Stop()
+	}
+	for {
+		var tick <-chan time.Time
+		if t != nil {
+			tick = t.C
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.kick: // only with a negative period (statusChanged)
+		case <-tick:
+			t.Reset(n.opts.StatusUpdatePeriod)
+		}
+		if err := n.writeNodeStatus(ctx); err != nil && ctx.Err() == nil {
+			logger.Error(err, "simulated kubelet: node status", "node", n.Name)
+			if t == nil { // no tick will come: ask again
 				time.Sleep(100 * time.Millisecond)
 				n.mu.Lock()
 				n.statusChanged()
 				n.mu.Unlock()
 			}
 		}
-	}
-	t := time.NewTimer(phase)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if err := n.writeNodeStatus(ctx); err != nil && ctx.Err() == nil {
-			logger.Error(err, "simulated kubelet: node status", "node", n.Name)
-		}
-		t.Reset(n.opts.StatusUpdatePeriod)
 	}
 }
 

@@ -46,7 +46,9 @@ func (s simulating) Clone() fwk.StateData { return s }
 // resource name is UnschedulableAndUnresolvable with an event: no layout
 // can serve it.
 func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, _ []fwk.NodeInfo) (*fwk.PreFilterResult, *fwk.Status) {
-	p.scheduling.Store(true)
+	if !p.scheduling.Load() {
+		p.scheduling.Store(true)
+	}
 	d, err := demand.Of(pod)
 	if err != nil {
 		if _, simErr := state.Read(simulateKey); simErr != nil { // the pod's own cycle
