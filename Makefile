@@ -27,15 +27,17 @@ build: ## Build the binaries into bin/.
 
 # The local cluster's control plane, built from the Go modules (tool lines in
 # go.mod); the end-to-end tests and make demo run it.
-CONTROL_PLANE := k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager go.etcd.io/etcd/server/v3
+# The kubelet runs the local cluster's nodes on a fake container runtime
+# (test/kubeletnode). local.BuildControlPlane (test/local/controlplane.go)
+# names the packages and sets the version ldflags.
 
-CONTROL_PLANE_BINS := $(BIN)/kube-apiserver $(BIN)/kube-controller-manager $(BIN)/server
+CONTROL_PLANE_BINS := $(BIN)/kube-apiserver $(BIN)/kube-controller-manager $(BIN)/kubelet $(BIN)/server
 
 .PHONY: control-plane
-control-plane: $(CONTROL_PLANE_BINS) ## Build etcd, kube-apiserver and kube-controller-manager into bin/ for the local cluster.
+control-plane: $(CONTROL_PLANE_BINS) ## Build etcd, kube-apiserver, kube-controller-manager and kubelet into bin/ for the local cluster.
 
 $(CONTROL_PLANE_BINS) &: go.mod go.sum
-	$(GO) build -o $(BIN)/ $(CONTROL_PLANE)
+	$(GO) run ./cmd/dynamig-local --build-control-plane $(BIN)
 	touch $(CONTROL_PLANE_BINS)
 
 .PHONY: test

@@ -40,6 +40,7 @@ func main() {
 	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
 	soakSeed := fs.Uint64("soak-seed", 1, "soak: the first run's seed (run i uses seed+i; a failing seed reruns with --soak 1 --soak-seed S)")
+	build := fs.String("build-control-plane", "", "only build etcd, kube-apiserver, kube-controller-manager and kubelet into this directory (make control-plane)")
 	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
 	// Flags may come before or after the scenario file.
 	var positional []string
@@ -56,6 +57,13 @@ func main() {
 	}
 	if len(positional) == 1 {
 		o.Scenario = positional[0]
+	}
+	if *build != "" {
+		if err := local.BuildControlPlane(context.Background(), *build, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)

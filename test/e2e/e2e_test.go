@@ -1,7 +1,8 @@
 // Package e2e runs dynamig end to end on the local cluster (test/local):
 // etcd, kube-apiserver and kube-controller-manager processes built from the
-// Go modules, the dynamig scheduler, and real node agents on simulated
-// GPUs with a kubelet and device-plugin stand-in per node. Each test
+// Go modules, the dynamig scheduler, and per node the real kubelet on a
+// fake container runtime with a stand-in for NVIDIA's device plugin, and
+// the real node agent on simulated GPUs (test/kubeletnode). Each test
 // asserts what a user would see: pods Running, NodePartitions, events.
 package e2e
 
@@ -28,8 +29,8 @@ import (
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/kubeletnode"
 	"github.com/dynamig/dynamig/test/local"
-	"github.com/dynamig/dynamig/test/nodesim"
 )
 
 // cluster is shared by the tests of the package; each test uses its own
@@ -67,7 +68,7 @@ type env struct {
 	ns     string
 	group  string
 	suffix string // of the namespace and node names after the first run (go test -count=N)
-	nodes  []*nodesim.Node
+	nodes  []*kubeletnode.Node
 }
 
 // runs counts each test's runs in this process, so that -count=N gives
@@ -90,16 +91,22 @@ func newEnv(t *testing.T, name string) *env {
 	return &env{t: t, ns: name, group: name, suffix: suffix}
 }
 
-// node adds a simulated node of the test's group and waits until its
-// agent reports it. Its name has the run's suffix.
-func (e *env) node(name string, models ...string) *nodesim.Node {
-	name += e.suffix
-	n, err := cluster.AddNode(nodesim.Options{Name: name, Models: models, Labels: map[string]string{"e2e": e.group}})
+// node adds a node of the test's group, with the real kubelet, and waits
+// until its agent reports it. Its name has the run's suffix.
+func (e *env) node(name string, models ...string) *kubeletnode.Node {
+	return e.nodeWith(kubeletnode.Options{Name: name, Models: models})
+}
+
+// nodeWith is node with existing slices or labels.
+func (e *env) nodeWith(o kubeletnode.Options) *kubeletnode.Node {
+	o.Name += e.suffix
+	o.Labels = map[string]string{"e2e": e.group}
+	n, err := cluster.AddNode(o)
 	require.NoError(e.t, err)
 	e.nodes = append(e.nodes, n)
-	e.waitFor(30*time.Second, "node "+name+" reported", func() bool {
-		np, err := cluster.Partition(context.Background(), name)
-		return err == nil && len(np.Status.GPUs) == len(models)
+	e.waitFor(30*time.Second, "node "+o.Name+" reported", func() bool {
+		np, err := cluster.Partition(context.Background(), o.Name)
+		return err == nil && len(np.Status.GPUs) == len(o.Models)
 	})
 	return n
 }
@@ -111,7 +118,7 @@ func (e *env) pod(name string, runFor time.Duration, requests map[string]int64) 
 	p.Namespace = e.ns
 	p.Spec.NodeSelector = map[string]string{"e2e": e.group}
 	if runFor > 0 {
-		p.Annotations = map[string]string{nodesim.RunSecondsAnnotation: fmt.Sprint(runFor.Seconds())}
+		local.RunFor(p, runFor.Seconds())
 	}
 	created, err := cluster.Kube.CoreV1().Pods(e.ns).Create(context.Background(), p, metav1.CreateOptions{})
 	require.NoError(e.t, err)
@@ -179,7 +186,7 @@ func (e *env) invariants(expected ...string) {
 	e.t.Helper()
 	destroyed := 0
 	for _, n := range e.nodes {
-		for _, v := range local.Violations(n, expected...) {
+		for _, v := range local.Violations(n.Name, n.Sim, n, expected...) {
 			e.t.Error(v)
 		}
 		for _, op := range n.Sim.Ops() {

@@ -69,7 +69,7 @@ func (c *cluster) startAgentWithSocket(t *testing.T, n *nodesim.Node, socket str
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		assert.NoError(t, local.RunAgent(ctx, c.cfg, n, socket, cfg))
+		assert.NoError(t, local.RunAgent(ctx, c.cfg, n.Sim, socket, cfg))
 	}()
 	stopped := false
 	stop := func() {

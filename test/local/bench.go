@@ -107,7 +107,7 @@ func benchBurst(ctx context.Context, c *Cluster, o BenchOptions, mode benchMode,
 		for g := range models {
 			models[g] = "A100-80GB"
 		}
-		if _, err := c.AddNode(nodesim.Options{Name: fmt.Sprintf("bench-%02d", i), Models: models}); err != nil {
+		if _, err := c.AddSimNode(nodesim.Options{Name: fmt.Sprintf("bench-%02d", i), Models: models}); err != nil {
 			return err
 		}
 	}

@@ -1,10 +1,11 @@
 // Package local runs a whole dynamig cluster on this machine, on
 // 127.0.0.1: etcd, kube-apiserver and kube-controller-manager as processes
 // built from the Go modules, the CRDs, the dynamig scheduler with the
-// shipped configuration, and per simulated node the real node agent on
-// simulated GPUs plus a kubelet and device-plugin stand-in
-// (test/nodesim). `make demo` (cmd/dynamig-local) and the end-to-end tests
-// run on it.
+// shipped configuration, and per node the real node agent on simulated
+// GPUs, with the real kubelet on a fake container runtime and a stand-in
+// for NVIDIA's device plugin (test/kubeletnode), or, for the many-node
+// benchmark, the light node model (test/nodesim). `make demo`
+// (cmd/dynamig-local), the soak and the end-to-end tests run on it.
 package local
 
 import (
@@ -26,6 +27,8 @@ import (
 	"github.com/dynamig/dynamig/pkg/client"
 	"github.com/dynamig/dynamig/pkg/generated/clientset/versioned"
 	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/kubeletnode"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
 
@@ -67,9 +70,26 @@ type Cluster struct {
 	socket string
 }
 
+// Node is what the tests read of a node, whichever kubelet runs it.
+type Node interface {
+	// Holds and Failures are the node's records of which pod held which
+	// device, and of every failure a MIG device caused.
+	Holds() []nodesim.Hold
+	Failures() []nodesim.Failure
+	// Holding names the devices a pod holds, by resource.
+	Holding(pod string) map[string][]string
+	// DeviceAt is the MIG UUID of the slice at a placement.
+	DeviceAt(gpu int, s mig.Slice) (string, error)
+	// PauseDevicePlugin keeps a deleted device plugin from coming back.
+	PauseDevicePlugin(paused bool)
+}
+
 type node struct {
-	sim   *nodesim.Node
-	agent *component
+	Node
+	sim    *gpu.Simulator
+	socket string // PodResources
+	stop   func()
+	agent  *component
 }
 
 // component is an in-process goroutine that runs until its context ends.
@@ -185,28 +205,50 @@ func (c *Cluster) StopScheduler() {
 	s.stop()
 }
 
-// AddNode starts a simulated node (name, GPU models, labels, existing
-// slices; the cluster sets the socket and device-plugin delay) and its agent.
-func (c *Cluster) AddNode(o nodesim.Options) (*nodesim.Node, error) {
-	name := o.Name
-	o.SocketDir, o.RestartDelay = c.socket, c.opts.DevicePluginDelay
-	sim, err := nodesim.Start(c.ctx, c.Kube, o)
+// AddNode starts a node with the real kubelet (test/kubeletnode) and its
+// agent: name, GPU models, labels and existing slices come from o; the
+// cluster sets the rest.
+func (c *Cluster) AddNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
+	o.Kubelet, o.Kubeconfig = filepath.Join(c.opts.Bin, "kubelet"), c.Kubeconfig
+	o.Dir = filepath.Join(c.Dir, "nodes", o.Name)
+	sockets, err := os.MkdirTemp(c.socket, "n")
 	if err != nil {
-		return nil, fmt.Errorf("node %s: %w", name, err)
+		return nil, err
 	}
-	sim.Sim.SetLatency(gpu.MethodCreateGPUInstance, c.opts.SliceDelay)
-	c.mu.Lock()
-	c.nodes[name] = &node{sim: sim}
-	c.mu.Unlock()
-	return sim, c.StartAgent(name)
+	o.SocketDir, o.RestartDelay = sockets, c.opts.DevicePluginDelay
+	n, err := kubeletnode.Start(c.ctx, c.Kube, o)
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", o.Name, err)
+	}
+	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, c.opts.SliceDelay)
+	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, stop: n.Stop})
 }
 
-// Node returns a simulated node.
-func (c *Cluster) Node(name string) *nodesim.Node {
+// AddSimNode starts a node of the light node model (test/nodesim), where
+// the real kubelet cannot go (many nodes), and its agent.
+func (c *Cluster) AddSimNode(o nodesim.Options) (*nodesim.Node, error) {
+	o.SocketDir, o.RestartDelay = c.socket, c.opts.DevicePluginDelay
+	n, err := nodesim.Start(c.ctx, c.Kube, o)
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", o.Name, err)
+	}
+	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, c.opts.SliceDelay)
+	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, stop: func() {}})
+}
+
+func (c *Cluster) addNode(name string, n *node) error {
+	c.mu.Lock()
+	c.nodes[name] = n
+	c.mu.Unlock()
+	return c.StartAgent(name)
+}
+
+// Node returns a node.
+func (c *Cluster) Node(name string) Node {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if n, ok := c.nodes[name]; ok {
-		return n.sim
+		return n.Node
 	}
 	return nil
 }
@@ -224,7 +266,7 @@ func (c *Cluster) StartAgent(name string) error {
 	}
 	cfg := AgentConfig(name, c.opts.DevicePluginTimeout)
 	n.agent = run(c.ctx, "agent "+name, func(ctx context.Context) error {
-		return RunAgent(ctx, c.Config, n.sim, n.sim.Socket, cfg)
+		return RunAgent(ctx, c.Config, n.sim, n.socket, cfg)
 	})
 	return nil
 }
@@ -253,15 +295,20 @@ func (c *Cluster) RestartAPIServer(ctx context.Context) error {
 func (c *Cluster) Stop() {
 	c.mu.Lock()
 	var comps []*component
+	var nodes []*node
 	for _, n := range c.nodes {
 		comps = append(comps, n.agent)
 		n.agent = nil
+		nodes = append(nodes, n)
 	}
 	comps = append(comps, c.sched)
 	c.sched = nil
 	c.mu.Unlock()
 	for _, comp := range comps {
 		comp.stop()
+	}
+	for _, n := range nodes {
+		n.stop()
 	}
 	if c.cancel != nil {
 		c.cancel()

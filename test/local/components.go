@@ -138,8 +138,8 @@ func AgentConfig(node string, devicePluginTimeout time.Duration) agent.Config {
 // RunAgent runs the real node agent of a simulated node — its own NVML
 // session on the node's GPUs and its own PodResources connection, as a
 // separate process would have — until ctx ends.
-func RunAgent(ctx context.Context, cfg *rest.Config, n *nodesim.Node, socket string, ac agent.Config) error {
-	lib, err := gpu.Open(n.Sim.Interface())
+func RunAgent(ctx context.Context, cfg *rest.Config, sim *gpu.Simulator, socket string, ac agent.Config) error {
+	lib, err := gpu.Open(sim.Interface())
 	if err != nil {
 		return err
 	}

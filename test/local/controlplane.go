@@ -8,11 +8,14 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -23,16 +26,17 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 )
 
-// Binaries are the control-plane programs, built from the Go modules by
-// the tool lines of go.mod.
+// Binaries are the control-plane programs and the kubelet, built from
+// the Go modules by the tool lines of go.mod.
 var Binaries = map[string]string{
 	"kube-apiserver":          "k8s.io/kubernetes/cmd/kube-apiserver",
 	"kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+	"kubelet":                 "k8s.io/kubernetes/cmd/kubelet",
 	"server":                  "go.etcd.io/etcd/server/v3", // etcd; go build names it after the module's last element
 }
 
-// EnsureBinaries builds the control plane into dir unless every binary is
-// there and newer than go.mod and go.sum. It must run inside the module.
+// EnsureBinaries builds the binaries into dir unless every one is there
+// and newer than go.mod and go.sum. It must run inside the module.
 func EnsureBinaries(ctx context.Context, dir string, progress io.Writer) error {
 	newest := time.Time{}
 	for _, f := range []string{"go.mod", "go.sum"} {
@@ -52,10 +56,27 @@ func EnsureBinaries(ctx context.Context, dir string, progress io.Writer) error {
 	if fresh {
 		return nil
 	}
-	fmt.Fprintf(progress, "building kube-apiserver, kube-controller-manager and etcd from the Go modules into %s (the first time takes several minutes)...\n", dir)
+	return BuildControlPlane(ctx, dir, progress)
+}
+
+// BuildControlPlane builds the binaries into dir, with the version
+// ldflags Kubernetes' own build sets (k8s.io/component-base/version), so
+// that they report the version go.mod requires, not v0.0.0-master.
+func BuildControlPlane(ctx context.Context, dir string, progress io.Writer) error {
+	fmt.Fprintf(progress, "building kube-apiserver, kube-controller-manager, kubelet and etcd from the Go modules into %s (the first time takes several minutes)...\n", dir)
 	start := time.Now()
-	args := []string{"build", "-o", dir + string(os.PathSeparator)}
-	for _, pkg := range Binaries {
+	out, err := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", "k8s.io/kubernetes").Output()
+	if err != nil {
+		return fmt.Errorf("reading the Kubernetes version from go.mod: %w", err)
+	}
+	version := strings.TrimSpace(string(out))
+	major, minor, _ := strings.Cut(strings.TrimPrefix(version, "v"), ".")
+	minor, _, _ = strings.Cut(minor, ".")
+	const pkg = "k8s.io/component-base/version."
+	ldflags := fmt.Sprintf("-X %sgitVersion=%s -X %sgitMajor=%s -X %sgitMinor=%s -X %sgitTreeState=clean -X %sbuildDate=1970-01-01T00:00:00Z",
+		pkg, version, pkg, major, pkg, minor, pkg, pkg)
+	args := []string{"build", "-ldflags", ldflags, "-o", dir + string(os.PathSeparator)}
+	for _, pkg := range slices.Sorted(maps.Values(Binaries)) {
 		args = append(args, pkg)
 	}
 	cmd := exec.CommandContext(ctx, "go", args...)

@@ -24,6 +24,7 @@ import (
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/pkg/scenario"
+	"github.com/dynamig/dynamig/test/kubeletnode"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
 
@@ -139,7 +140,7 @@ func startLogged(ctx context.Context, o Options) (*Cluster, func(keep bool), err
 // seed is the default run: one node with one empty A100-80GB and a
 // Deployment of five pods that each ask for one 1g.10gb slice.
 func seed(ctx context.Context, c *Cluster, tl *Timeline) (func(context.Context) (bool, error), error) {
-	if _, err := c.AddNode(nodesim.Options{Name: "gpu-node-1", Models: []string{"A100-80GB"}}); err != nil {
+	if _, err := c.AddNode(kubeletnode.Options{Name: "gpu-node-1", Models: []string{"A100-80GB"}}); err != nil {
 		return nil, err
 	}
 	if err := waitReported(ctx, c, "gpu-node-1"); err != nil {
@@ -175,6 +176,17 @@ func seed(ctx context.Context, c *Cluster, tl *Timeline) (func(context.Context) 
 	}, nil
 }
 
+// RunFor makes a pod a batch job that runs that long: its container
+// exits 0 then (nodesim.RunSecondsAnnotation, which both node models
+// honour) and, with restartPolicy Never, the pod is Succeeded.
+func RunFor(p *v1.Pod, seconds float64) {
+	if p.Annotations == nil {
+		p.Annotations = map[string]string{}
+	}
+	p.Annotations[nodesim.RunSecondsAnnotation] = strconv.FormatFloat(seconds, 'f', 3, 64)
+	p.Spec.RestartPolicy = v1.RestartPolicyNever
+}
+
 // Pod is a pod for dynamig-scheduler asking for MIG resources.
 func Pod(name string, requests map[string]int64) *v1.Pod {
 	limits := v1.ResourceList{}
@@ -188,6 +200,23 @@ func Pod(name string, requests map[string]int64) *v1.Pod {
 			Resources: v1.ResourceRequirements{Limits: limits, Requests: limits},
 		}}},
 	}
+}
+
+// createRunning creates a pod and waits until it runs.
+func createRunning(ctx context.Context, c *Cluster, pod *v1.Pod) error {
+	if _, err := c.Kube.CoreV1().Pods(pod.Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	return wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		p, err := c.Kube.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		if p.Status.Phase == v1.PodFailed {
+			return false, fmt.Errorf("pod %s failed: %s: %s", p.Name, p.Status.Reason, p.Status.Message)
+		}
+		return p.Status.Phase == v1.PodRunning, nil
+	})
 }
 
 func waitReported(ctx context.Context, c *Cluster, node string) error {
@@ -214,7 +243,7 @@ func runScenario(ctx context.Context, c *Cluster, tl *Timeline, sc *scenario.Sce
 			}
 			existing[s.GPU] = append(existing[s.GPU], mig.Slice{Profile: p, Start: s.Start})
 		}
-		sim, err := c.AddNode(nodesim.Options{Name: n.Name, Models: n.GPUs, Labels: n.Labels, Slices: existing})
+		sim, err := c.AddNode(kubeletnode.Options{Name: n.Name, Models: n.GPUs, Labels: n.Labels, Slices: existing})
 		if err != nil {
 			return nil, err
 		}
@@ -227,9 +256,14 @@ func runScenario(ctx context.Context, c *Cluster, tl *Timeline, sc *scenario.Sce
 			if err != nil {
 				return nil, err
 			}
+			// The device plugin steers kubelet to the slice; one holder at a
+			// time, each Running before the next.
 			holder := Pod(fmt.Sprintf("held-%s-gpu%d-%d", n.Name, s.GPU, s.Start), map[string]int64{p.ResourceName(): 1})
-			holder.Spec.NodeName, holder.Annotations = n.Name, map[string]string{nodesim.DevicesAnnotation: id}
-			if _, err := c.Kube.CoreV1().Pods(DemoNamespace).Create(ctx, holder, metav1.CreateOptions{}); err != nil {
+			holder.Spec.NodeName = n.Name
+			sim.Prefer(p.ResourceName(), id)
+			err = createRunning(ctx, c, holder)
+			sim.Prefer(p.ResourceName(), "")
+			if err != nil {
 				return nil, err
 			}
 		}
@@ -271,7 +305,7 @@ func runScenario(ctx context.Context, c *Cluster, tl *Timeline, sc *scenario.Sce
 				pod.Spec.PriorityClassName = priorityClass(sp.Priority)
 			}
 			if sp.Duration > 0 {
-				pod.Annotations = map[string]string{nodesim.RunSecondsAnnotation: strconv.FormatFloat(sp.Duration/scale, 'f', 3, 64)}
+				RunFor(pod, sp.Duration/scale)
 			}
 			if _, err := c.Kube.CoreV1().Pods(DemoNamespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 				tl.Printf("creating pod %s: %v", sp.Name, err)

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
 
@@ -21,16 +22,16 @@ import (
 //
 // Each violation is one line naming the node, the device, the pods and
 // the times.
-func Violations(n *nodesim.Node, expected ...string) []string {
+func Violations(name string, sim *gpu.Simulator, n Node, expected ...string) []string {
 	var out []string
 	holds := n.Holds()
-	for _, op := range n.Sim.Ops() {
+	for _, op := range sim.Ops() {
 		if op.Kind != "destroy-ci" {
 			continue
 		}
 		for _, h := range holds {
 			if h.Device == op.UUID && held(h, op.Time) {
-				out = append(out, fmt.Sprintf("node %s: %s (%s) destroyed at %s while pod %s held it", n.Name, op.Slice, op.UUID, stamp(op.Time), h.Pod))
+				out = append(out, fmt.Sprintf("node %s: %s (%s) destroyed at %s while pod %s held it", name, op.Slice, op.UUID, stamp(op.Time), h.Pod))
 			}
 		}
 	}
@@ -40,13 +41,13 @@ func Violations(n *nodesim.Node, expected ...string) []string {
 				continue
 			}
 			if a.Pod != b.Pod || a.Resource != b.Resource {
-				out = append(out, fmt.Sprintf("node %s: device %s held by %s as %s from %s and by %s as %s from %s", n.Name, a.Device, a.Pod, a.Resource, stamp(a.From), b.Pod, b.Resource, stamp(b.From)))
+				out = append(out, fmt.Sprintf("node %s: device %s held by %s as %s from %s and by %s as %s from %s", name, a.Device, a.Pod, a.Resource, stamp(a.From), b.Pod, b.Resource, stamp(b.From)))
 			}
 		}
 	}
 	for _, f := range n.Failures() {
 		if f.Kind != nodesim.FailureNoDevice && !slices.Contains(expected, f.Pod) {
-			out = append(out, fmt.Sprintf("node %s: %s", n.Name, f))
+			out = append(out, fmt.Sprintf("node %s: %s", name, f))
 		}
 	}
 	return out

@@ -15,7 +15,7 @@ import (
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/mig"
-	"github.com/dynamig/dynamig/test/nodesim"
+	"github.com/dynamig/dynamig/test/kubeletnode"
 )
 
 // SoakOptions configure Soak.
@@ -45,14 +45,14 @@ func RunSoak(ctx context.Context, o SoakOptions, out io.Writer) (int, error) {
 
 // soakPool is the soak's nodes, shared by every run, so that each run
 // starts from the slices the runs before it left: churn.
-var soakPool = []nodesim.Options{
+var soakPool = []kubeletnode.Options{
 	{Name: "soak-a100", Models: []string{"A100-80GB", "A100-80GB"}},
 	{Name: "soak-h100", Models: []string{"H100-80GB"}},
 	{Name: "soak-a30", Models: []string{"A30"}},
 }
 
 // soakFaults are what a run may inject, at a random moment of its burst.
-var soakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart"}
+var soakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart", "kubelet-restart"}
 
 // Soak runs random scenarios on the local cluster, one after another on the
 // same nodes: a burst of pods asking for random profiles of the nodes'
@@ -66,7 +66,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 	if o.RunTimeout == 0 {
 		o.RunTimeout = 3 * time.Minute
 	}
-	var nodes []*nodesim.Node
+	var nodes []*kubeletnode.Node
 	for _, opts := range soakPool {
 		opts.Labels = map[string]string{"dynamig-soak": "true"}
 		n, err := c.AddNode(opts)
@@ -89,7 +89,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 			return total, fmt.Errorf("run %d (seed %d): %w", i+1, seed, err)
 		}
 		for _, n := range nodes {
-			for _, v := range Violations(n) {
+			for _, v := range Violations(n.Name, n.Sim, n) {
 				if !reported[v] {
 					reported[v] = true
 					problems = append(problems, v)
@@ -116,7 +116,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 
 // soakRun runs the scenario of one seed: it returns what it did and the
 // pods that did not run and finish.
-func soakRun(ctx context.Context, c *Cluster, nodes []*nodesim.Node, seed uint64, timeout time.Duration) (string, []string, error) {
+func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed uint64, timeout time.Duration) (string, []string, error) {
 	r := rand.New(rand.NewPCG(seed, 0x50a4))
 	ns := fmt.Sprintf("soak-%d", seed)
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
@@ -146,7 +146,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*nodesim.Node, seed uint64
 		p := Pod(name, map[string]int64{prof.Name.ResourceName(): count})
 		p.Namespace = ns
 		p.Spec.NodeSelector = map[string]string{"dynamig-soak": "true"}
-		p.Annotations = map[string]string{nodesim.RunSecondsAnnotation: fmt.Sprintf("%.1f", 0.5+3.5*r.Float64())}
+		RunFor(p, 0.5+3.5*r.Float64())
 		pods = append(pods, arrival{pod: p, at: time.Duration(r.IntN(3000)) * time.Millisecond})
 	}
 	fault := soakFaults[r.IntN(len(soakFaults))]
@@ -204,7 +204,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*nodesim.Node, seed uint64
 }
 
 // inject makes a fault happen now; a lasting one heals by itself.
-func inject(ctx context.Context, c *Cluster, n *nodesim.Node, fault string) error {
+func inject(ctx context.Context, c *Cluster, n *kubeletnode.Node, fault string) error {
 	switch fault {
 	case "agent-killed":
 		c.StopAgent(n.Name)
@@ -223,6 +223,8 @@ func inject(ctx context.Context, c *Cluster, n *nodesim.Node, fault string) erro
 		return c.StartScheduler()
 	case "apiserver-restart":
 		return c.RestartAPIServer(ctx)
+	case "kubelet-restart":
+		return n.RestartKubelet(2 * time.Second)
 	}
 	return nil
 }

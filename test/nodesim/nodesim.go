@@ -1,8 +1,10 @@
 // Package nodesim plays, against a real API server, what kubelet, the
 // container runtime and the NVIDIA device plugin do for one node whose GPUs
-// are simulated. It is a light node model, for the integration tests, the
-// local cluster and many-node benchmarks where the real kubelet cannot go;
-// it must be at least as strict as kubelet v1.37 (k8s.io/kubernetes
+// are simulated. It is a light node model, kept where the real kubelet
+// (test/kubeletnode: the end-to-end tests, the soak, make demo) cannot go:
+// the many-node latency benchmark (20 nodes × 8 GPUs and more, on 2
+// cores) and the agent's integration tests, which run without the
+// kubelet binary. It must be at least as strict as kubelet v1.37 (k8s.io/kubernetes
 // pkg/kubelet/cm/devicemanager, cited function by function):
 //
 //   - the Node, with the labels GPU Feature Discovery sets;
@@ -262,7 +264,7 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	if err != nil {
 		return nil, err
 	}
-	ids, err := n.scan()
+	ids, err := Scan(n.plugin)
 	if err != nil {
 		return nil, err
 	}
@@ -341,21 +343,7 @@ func (n *Node) enqueue(obj any, deleted bool) {
 }
 
 func (n *Node) createNode(ctx context.Context) error {
-	labels := map[string]string{
-		"kubernetes.io/hostname":  n.Name,
-		"dynamig.io/partitioning": "mig",
-		"nvidia.com/mig.strategy": "mixed",
-		"nvidia.com/mig.capable":  "true",
-		"nvidia.com/gpu.present":  "true",
-		"nvidia.com/gpu.count":    fmt.Sprint(len(n.opts.Models)),
-	}
-	if gpus, err := n.plugin.GPUs(); err == nil && len(gpus) > 0 {
-		labels["nvidia.com/gpu.product"] = strings.ReplaceAll(gpus[0].Name, " ", "-")
-		labels["nvidia.com/gpu.memory"] = fmt.Sprint(gpus[0].MemoryMiB)
-	}
-	for k, v := range n.opts.Labels {
-		labels[k] = v
-	}
+	labels := Labels(n.Name, n.plugin, n.opts.Models, n.opts.Labels)
 	node, err := n.cs.CoreV1().Nodes().Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: labels}}, metav1.CreateOptions{})
 	if err != nil {
 		return fmt.Errorf("creating node %s: %w", n.Name, err)
@@ -367,6 +355,27 @@ func (n *Node) createNode(ctx context.Context) error {
 	}
 	_, err = n.cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
 	return err
+}
+
+// Labels are a node's labels: those GPU Feature Discovery and the GPU
+// Operator set for its GPUs (l sees them), then its own.
+func Labels(name string, l *gpu.NVML, models []string, own map[string]string) map[string]string {
+	labels := map[string]string{
+		"kubernetes.io/hostname":  name,
+		"dynamig.io/partitioning": "mig",
+		"nvidia.com/mig.strategy": "mixed",
+		"nvidia.com/mig.capable":  "true",
+		"nvidia.com/gpu.present":  "true",
+		"nvidia.com/gpu.count":    fmt.Sprint(len(models)),
+	}
+	if gpus, err := l.GPUs(); err == nil && len(gpus) > 0 {
+		labels["nvidia.com/gpu.product"] = strings.ReplaceAll(gpus[0].Name, " ", "-")
+		labels["nvidia.com/gpu.memory"] = fmt.Sprint(gpus[0].MemoryMiB)
+	}
+	for k, v := range own {
+		labels[k] = v
+	}
+	return labels
 }
 
 // Restarts counts device-plugin restarts.
@@ -403,7 +412,13 @@ func (n *Node) Holding(pod string) map[string][]string {
 
 // DeviceAt returns the MIG UUID of the slice at a placement of a GPU.
 func (n *Node) DeviceAt(gpuIndex int, s mig.Slice) (string, error) {
-	ss, err := n.plugin.Slices(gpuIndex)
+	return DeviceAt(n.plugin, gpuIndex, s)
+}
+
+// DeviceAt returns the MIG UUID of the slice at a placement of a GPU that
+// l sees.
+func DeviceAt(l *gpu.NVML, gpuIndex int, s mig.Slice) (string, error) {
+	ss, err := l.Slices(gpuIndex)
 	if err != nil {
 		return "", err
 	}
@@ -412,7 +427,7 @@ func (n *Node) DeviceAt(gpuIndex int, s mig.Slice) (string, error) {
 			return x.UUID, nil
 		}
 	}
-	return "", fmt.Errorf("node %s gpu %d has no slice %s", n.Name, gpuIndex, s)
+	return "", fmt.Errorf("gpu %d has no slice %s", gpuIndex, s)
 }
 
 func (n *Node) pluginName() string { return "nvidia-device-plugin-" + n.Name }
@@ -528,7 +543,7 @@ func (n *Node) startPlugin(ctx context.Context) {
 			return // the old pod still terminates: its deletion comes back here
 		}
 		for ctx.Err() == nil {
-			ids, err := n.scan()
+			ids, err := Scan(n.plugin)
 			if err == nil {
 				n.register(uid, ids)
 				return
@@ -583,12 +598,12 @@ func (n *Node) createPlugin(ctx context.Context) (types.UID, error) {
 	return pod.UID, nil
 }
 
-// scan lists the MIG devices as the NVIDIA device plugin does at start:
-// slices with one full-size compute instance, by MIG UUID
-// (deviceIDStrategy=uuid), per resource; resources without devices are
-// not registered (NewNVMLResourceManagers skips them).
-func (n *Node) scan() (map[string][]string, error) {
-	gpus, err := n.plugin.GPUs()
+// Scan lists the MIG devices as NVIDIA's device plugin (migStrategy mixed,
+// deviceIDStrategy uuid) does when it starts: slices with one full-size
+// compute instance, by MIG UUID, per resource; resources without devices
+// are not registered (NewNVMLResourceManagers skips them).
+func Scan(l *gpu.NVML) (map[string][]string, error) {
+	gpus, err := l.GPUs()
 	if err != nil {
 		return nil, err
 	}
@@ -597,7 +612,7 @@ func (n *Node) scan() (map[string][]string, error) {
 		if !g.MIG.Current {
 			continue
 		}
-		ss, err := n.plugin.Slices(g.Index)
+		ss, err := l.Slices(g.Index)
 		if err != nil {
 			return nil, err
 		}
