@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -39,6 +40,7 @@ func main() {
 	fs.IntVar(&b.CPUPods, "bench-cpu-pods", 500, "benchmark: non-GPU pods for the throughput comparison (0: skip)")
 	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
+	soakFaults := fs.String("soak-faults", "", "soak: the faults runs pick from, comma-separated (default all: "+strings.Join(local.SoakFaults, ",")+")")
 	soakSeed := fs.Uint64("soak-seed", 1, "soak: the first run's seed (run i uses seed+i; a failing seed reruns with --soak 1 --soak-seed S)")
 	build := fs.String("build-control-plane", "", "only build etcd, kube-apiserver, kube-controller-manager and kubelet into this directory (make control-plane)")
 	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
@@ -81,7 +83,11 @@ func main() {
 		return
 	}
 	if *soak > 0 {
-		violations, err := local.RunSoak(ctx, local.SoakOptions{Runs: *soak, Seed: *soakSeed, Cluster: local.Options{
+		var faults []string
+		if *soakFaults != "" {
+			faults = strings.Split(*soakFaults, ",")
+		}
+		violations, err := local.RunSoak(ctx, local.SoakOptions{Runs: *soak, Seed: *soakSeed, Faults: faults, Cluster: local.Options{
 			Dir: o.Dir, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay, DevicePluginTimeout: 30 * time.Second,
 		}}, os.Stdout)
 		if err != nil {

@@ -182,8 +182,15 @@ func (e *endpoint) GetPreferredAllocation(_ context.Context, req *pluginapi.Pref
 }
 
 // Allocate names the devices as CDI devices; it neither checks nor
-// creates anything, as NVIDIA's plugin does not.
-func (e *endpoint) Allocate(_ context.Context, req *pluginapi.AllocateRequest) (*pluginapi.AllocateResponse, error) {
+// creates anything, as NVIDIA's plugin does not. It answers after the
+// node's allocate delay (SetAllocateDelay): meanwhile kubelet has chosen
+// the devices but the pod is not in PodResources yet.
+func (e *endpoint) Allocate(ctx context.Context, req *pluginapi.AllocateRequest) (*pluginapi.AllocateResponse, error) {
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(e.n.allocateDelay()):
+	}
 	resp := &pluginapi.AllocateResponse{}
 	for _, cr := range req.ContainerRequests {
 		e.n.allocated(e.resource, cr.DevicesIds)

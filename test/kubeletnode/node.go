@@ -105,6 +105,7 @@ type Node struct {
 	failures   []nodesim.Failure
 	failed     map[types.UID]bool // pods whose admission failure is recorded
 	paused     bool
+	allocDelay time.Duration
 }
 
 // Start starts the runtime and kubelet, waits until the Node is Ready,
@@ -336,6 +337,20 @@ func (n *Node) PauseDevicePlugin(paused bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.paused = paused
+}
+
+// SetAllocateDelay makes the device plugin's Allocate take d, as a
+// plugin under load does (0: at once).
+func (n *Node) SetAllocateDelay(d time.Duration) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.allocDelay = d
+}
+
+func (n *Node) allocateDelay() time.Duration {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.allocDelay
 }
 
 // PluginRunning reports whether the device plugin's container runs.

@@ -28,6 +28,8 @@ type SoakOptions struct {
 	// RunTimeout bounds one run: its pods must all have finished by then
 	// (default 3m).
 	RunTimeout time.Duration
+	// Faults are those a run picks from (default SoakFaults).
+	Faults []string
 }
 
 // RunSoak starts a local cluster, soaks it (Soak) and stops it, keeping
@@ -51,8 +53,8 @@ var soakPool = []kubeletnode.Options{
 	{Name: "soak-a30", Models: []string{"A30"}},
 }
 
-// soakFaults are what a run may inject, at a random moment of its burst.
-var soakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart", "kubelet-restart"}
+// SoakFaults are what a run may inject, at a random moment of its burst.
+var SoakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart", "kubelet-restart", "allocate-slow"}
 
 // Soak runs random scenarios on the local cluster, one after another on the
 // same nodes: a burst of pods asking for random profiles of the nodes'
@@ -65,6 +67,14 @@ var soakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-p
 func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, error) {
 	if o.RunTimeout == 0 {
 		o.RunTimeout = 3 * time.Minute
+	}
+	if len(o.Faults) == 0 {
+		o.Faults = SoakFaults
+	}
+	for _, f := range o.Faults {
+		if !slices.Contains(SoakFaults, f) {
+			return 0, fmt.Errorf("unknown soak fault %q (known: %s)", f, strings.Join(SoakFaults, ", "))
+		}
 	}
 	var nodes []*kubeletnode.Node
 	for _, opts := range soakPool {
@@ -84,7 +94,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 	for i := range o.Runs {
 		seed := o.Seed + uint64(i)
 		t0 := time.Now()
-		desc, problems, err := soakRun(ctx, c, nodes, seed, o.RunTimeout)
+		desc, problems, err := soakRun(ctx, c, nodes, seed, o.RunTimeout, o.Faults)
 		if err != nil {
 			return total, fmt.Errorf("run %d (seed %d): %w", i+1, seed, err)
 		}
@@ -116,7 +126,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 
 // soakRun runs the scenario of one seed: it returns what it did and the
 // pods that did not run and finish.
-func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed uint64, timeout time.Duration) (string, []string, error) {
+func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed uint64, timeout time.Duration, faults []string) (string, []string, error) {
 	r := rand.New(rand.NewPCG(seed, 0x50a4))
 	ns := fmt.Sprintf("soak-%d", seed)
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
@@ -149,7 +159,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 		RunFor(p, 0.5+3.5*r.Float64())
 		pods = append(pods, arrival{pod: p, at: time.Duration(r.IntN(3000)) * time.Millisecond})
 	}
-	fault := soakFaults[r.IntN(len(soakFaults))]
+	fault := faults[r.IntN(len(faults))]
 	faultAt := time.Duration(r.IntN(4000)) * time.Millisecond
 	victim := nodes[r.IntN(len(nodes))]
 
@@ -225,6 +235,12 @@ func inject(ctx context.Context, c *Cluster, n *kubeletnode.Node, fault string) 
 		return c.RestartAPIServer(ctx)
 	case "kubelet-restart":
 		return n.RestartKubelet(2 * time.Second)
+	case "allocate-slow":
+		n.SetAllocateDelay(2 * time.Second)
+		go func() {
+			time.Sleep(5 * time.Second)
+			n.SetAllocateDelay(0)
+		}()
 	}
 	return nil
 }
