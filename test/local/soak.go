@@ -140,14 +140,31 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 		pod *v1.Pod
 		at  time.Duration
 	}
-	var pods []arrival
-	for i := range 2 + r.IntN(7) {
-		opts := soakPool[r.IntN(len(soakPool))]
-		m, err := mig.ModelByName(opts.Models[r.IntN(len(opts.Models))])
+	// Half the runs are focused: two profiles of one model, so that pods
+	// keep repartitioning the same GPUs around free slices of the same
+	// profile — where kubelet's device choice and the agent's destroys
+	// meet.
+	var focus []mig.Profile
+	if r.IntN(2) == 0 {
+		m, err := mig.ModelByName(soakPool[r.IntN(len(soakPool))].Models[0])
 		if err != nil {
 			return "", nil, err
 		}
-		prof := m.Profiles[r.IntN(len(m.Profiles))]
+		focus = []mig.Profile{m.Profiles[r.IntN(len(m.Profiles))], m.Profiles[r.IntN(len(m.Profiles))]}
+	}
+	var pods []arrival
+	for i := range 2 + r.IntN(7) {
+		var prof mig.Profile
+		if focus != nil {
+			prof = focus[r.IntN(len(focus))]
+		} else {
+			opts := soakPool[r.IntN(len(soakPool))]
+			m, err := mig.ModelByName(opts.Models[r.IntN(len(opts.Models))])
+			if err != nil {
+				return "", nil, err
+			}
+			prof = m.Profiles[r.IntN(len(m.Profiles))]
+		}
 		count := int64(1)
 		if prof.MaxCount > 1 && r.IntN(5) == 0 {
 			count = 2
@@ -185,7 +202,11 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 			return "", nil, err
 		}
 	}
-	desc := fmt.Sprintf("%d pods, fault %s on %s at %.1fs", len(pods), fault, victim.Name, faultAt.Seconds())
+	what := fmt.Sprintf("%d pods", len(pods))
+	if focus != nil {
+		what += fmt.Sprintf(" of %s and %s", focus[0].Name, focus[1].Name)
+	}
+	desc := fmt.Sprintf("%s, fault %s on %s at %.1fs", what, fault, victim.Name, faultAt.Seconds())
 
 	var problems []string
 	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
