@@ -10,11 +10,14 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/partition"
 	"github.com/dynamig/dynamig/test/kubeletnode"
 )
 
@@ -98,6 +101,7 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 		if err != nil {
 			return total, fmt.Errorf("run %d (seed %d): %w", i+1, seed, err)
 		}
+		problems = append(problems, halfApplied(ctx, c, nodes)...)
 		for _, n := range nodes {
 			for _, v := range Violations(n.Name, n.Sim, n) {
 				if !reported[v] {
@@ -232,6 +236,52 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 		problems = append(problems, fmt.Sprintf("pods of %s not all finished within %s", ns, timeout))
 	}
 	return desc, problems, nil
+}
+
+// halfApplied waits up to 30 s for every node to settle once its pods
+// are done — no plan in flight, no device-plugin restart under way, and an
+// applied plan's layout on the GPUs — and names those that do not.
+func halfApplied(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node) []string {
+	var out []string
+	_ = wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+		out = out[:0]
+		for _, n := range nodes {
+			np, err := c.Partition(ctx, n.Name)
+			if err != nil {
+				out = append(out, fmt.Sprintf("node %s: reading its NodePartition: %v", n.Name, err))
+				continue
+			}
+			pn := partition.Decode(np)
+			switch {
+			case pn.InFlight:
+				out = append(out, fmt.Sprintf("node %s left half-applied: plan %s still in flight (observed %q)", n.Name, np.Spec.PlanID, np.Status.ObservedPlanID))
+			case pn.Restarting:
+				out = append(out, fmt.Sprintf("node %s left half-applied: its device plugin still restarting", n.Name))
+			case meta.IsStatusConditionTrue(np.Status.Conditions, v1alpha1.ConditionApplied):
+				layouts, _ := partition.DesiredLayouts(np)
+				for g, want := range layouts {
+					if got := n.Sim.Layout(g); !sameLayout(got, want) {
+						out = append(out, fmt.Sprintf("node %s left half-applied: plan %s applied, gpu %d has %v, the plan %v", n.Name, np.Spec.PlanID, g, got, want))
+					}
+				}
+			}
+		}
+		return len(out) == 0, nil
+	})
+	return out
+}
+
+// sameLayout reports whether two layouts hold the same slices.
+func sameLayout(a, b []mig.Slice) bool {
+	key := func(l []mig.Slice) []string {
+		out := make([]string, 0, len(l))
+		for _, s := range l {
+			out = append(out, s.String())
+		}
+		slices.Sort(out)
+		return out
+	}
+	return slices.Equal(key(a), key(b))
 }
 
 // inject makes a fault happen now; a lasting one heals by itself.
