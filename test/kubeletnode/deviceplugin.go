@@ -37,6 +37,9 @@ type plugin struct {
 	n       *Node
 	stop    chan struct{}
 	stopped sync.Once
+	// registered is closed once every endpoint registered the first time.
+	registered   chan struct{}
+	registerOnce sync.Once
 	mu      sync.Mutex
 	servers []*grpc.Server
 }
@@ -46,7 +49,7 @@ type plugin struct {
 // re-registering whenever kubelet.sock is made anew (a kubelet restart
 // deletes every plugin socket), as NVIDIA's plugin does.
 func (n *Node) startPlugin(ctx context.Context) *plugin {
-	p := &plugin{n: n, stop: make(chan struct{})}
+	p := &plugin{n: n, stop: make(chan struct{}), registered: make(chan struct{})}
 	go func() {
 		logger := klog.FromContext(ctx).WithValues("node", n.Name)
 		select {
@@ -63,6 +66,7 @@ func (n *Node) startPlugin(ctx context.Context) *plugin {
 					logger.Error(err, "stand-in device plugin: start failed, retrying")
 				} else {
 					kubeletSock = st
+					p.registerOnce.Do(func() { close(p.registered) })
 				}
 			}
 			select {

@@ -170,6 +170,11 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	if err := n.createPlugin(n.ctx); err != nil {
 		return nil, err
 	}
+	// The plugin comes up with the node: registered with kubelet before
+	// Start returns, so that a pod bound at once gets its devices.
+	if err := n.waitRegistered(n.ctx); err != nil {
+		return nil, err
+	}
 	ok = true
 	return n, nil
 }
@@ -271,6 +276,27 @@ func (n *Node) waitReady(ctx context.Context) error {
 	})
 	if err != nil {
 		return fmt.Errorf("node %s not Ready: %w", n.Name, err)
+	}
+	return nil
+}
+
+func (n *Node) waitRegistered(ctx context.Context) error {
+	err := wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		n.mu.Lock()
+		p := n.plugin
+		n.mu.Unlock()
+		if p == nil {
+			return false, nil
+		}
+		select {
+		case <-p.registered:
+			return true, nil
+		default:
+			return false, nil
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("node %s: the device plugin did not register: %w", n.Name, err)
 	}
 	return nil
 }
