@@ -40,8 +40,8 @@ type plugin struct {
 	// registered is closed once every endpoint registered the first time.
 	registered   chan struct{}
 	registerOnce sync.Once
-	mu      sync.Mutex
-	servers []*grpc.Server
+	mu           sync.Mutex
+	servers      []*grpc.Server
 }
 
 // startPlugin scans the node's GPUs RegisterDelay after the container
