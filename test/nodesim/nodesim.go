@@ -539,8 +539,15 @@ func (n *Node) startPlugin(ctx context.Context) {
 			klog.FromContext(ctx).V(2).Info("simulated device plugin: retrying its start", "node", n.Name, "err", err)
 			time.Sleep(100 * time.Millisecond)
 		}
-		if uid == "" || !sleep(ctx, after(n.opts.RegisterDelay)) {
-			return // the old pod still terminates: its deletion comes back here
+		if uid == "" {
+			// The old pod still terminates. Its deletion may have been seen
+			// while this start was under way (and found it starting): look
+			// again shortly rather than wait for an event that came already.
+			time.AfterFunc(100*time.Millisecond, func() { n.queue.Add(DevicePluginNamespace + "/" + n.pluginName()) })
+			return
+		}
+		if !sleep(ctx, after(n.opts.RegisterDelay)) {
+			return
 		}
 		for ctx.Err() == nil {
 			ids, err := Scan(n.plugin)
