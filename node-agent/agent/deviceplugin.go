@@ -34,18 +34,20 @@ func advertisable(observed []Observed) map[v1.ResourceName]int64 {
 	return out
 }
 
-// allocatableDiff says how Node allocatable differs from want in MIG
-// resources; "" if it does not.
+// allocatableDiff says which MIG resources Node allocatable still shows
+// fewer of than want, so that the scheduler cannot place pods on them yet;
+// "" if none. More than want is not waited for: kubelet writes a
+// resource's drop only at its next status update, and when that update
+// fails at the moment kubelet retires a resource (5 minutes after its
+// plugin left) the stale value stays on the Node for good, as kubelet no
+// longer reports the resource. What kubelet can really hand out is
+// checked by identity (identityDiff), and the scheduler places MIG pods by
+// the NodePartition's slices, not by Node allocatable.
 func allocatableDiff(node *v1.Node, want map[v1.ResourceName]int64) string {
 	var diffs []string
-	for r, q := range node.Status.Allocatable {
-		if mig.IsMIGResource(string(r)) && q.Value() != want[r] {
-			diffs = append(diffs, fmt.Sprintf("%s: allocatable %d, slices %d", r, q.Value(), want[r]))
-		}
-	}
 	for r, n := range want {
-		if _, ok := node.Status.Allocatable[r]; !ok && n > 0 {
-			diffs = append(diffs, fmt.Sprintf("%s: allocatable 0, slices %d", r, n))
+		if q := node.Status.Allocatable[r]; q.Value() < n {
+			diffs = append(diffs, fmt.Sprintf("%s: allocatable %d, slices %d", r, q.Value(), n))
 		}
 	}
 	sort.Strings(diffs)

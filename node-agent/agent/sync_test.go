@@ -344,6 +344,28 @@ func TestIdentityDiff(t *testing.T) {
 	assert.NotEmpty(t, identityDiff(map[string][]string{r1: {"MIG-1g.10gb", "MIG-3g.40gb"}}, observed), "under the wrong resource")
 }
 
+// Node allocatable gates a re-advertisement only while it shows fewer
+// slices than exist: a stale count of a retired resource (kubelet writes
+// its drop once, and a failed status update leaves it for good) does not
+// hold the plan back — seen in the soak, where the agent restarted the
+// plugin every 30 s for a 4g.24gb that no longer existed.
+func TestAllocatableDiff(t *testing.T) {
+	const r1, r4 = "nvidia.com/mig-1g.6gb", "nvidia.com/mig-4g.24gb"
+	node := func(alloc map[string]int64) *v1.Node {
+		n := &v1.Node{Status: v1.NodeStatus{Allocatable: v1.ResourceList{}}}
+		for r, q := range alloc {
+			n.Status.Allocatable[v1.ResourceName(r)] = *resource.NewQuantity(q, resource.DecimalSI)
+		}
+		return n
+	}
+	want := map[v1.ResourceName]int64{r1: 2}
+	assert.Empty(t, allocatableDiff(node(map[string]int64{r1: 2}), want))
+	assert.Empty(t, allocatableDiff(node(map[string]int64{r1: 2, r4: 1}), want), "a stale retired resource")
+	assert.Empty(t, allocatableDiff(node(map[string]int64{r1: 3}), want), "a drop not written yet")
+	assert.Equal(t, "nvidia.com/mig-1g.6gb: allocatable 1, slices 2", allocatableDiff(node(map[string]int64{r1: 1, r4: 1}), want))
+	assert.Equal(t, "nvidia.com/mig-1g.6gb: allocatable 0, slices 2", allocatableDiff(node(nil), want))
+}
+
 // fakeKubelet answers PodResources with fixed devices.
 type fakeKubelet struct{ devices podresources.Devices }
 

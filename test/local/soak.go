@@ -243,7 +243,8 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 // applied plan's layout on the GPUs — and names those that do not.
 func halfApplied(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node) []string {
 	var out []string
-	_ = wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+	// Reads use ctx, not the poll's: its deadline would fail the last read.
+	_ = wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 30*time.Second, true, func(context.Context) (bool, error) {
 		out = out[:0]
 		for _, n := range nodes {
 			np, err := c.Partition(ctx, n.Name)
