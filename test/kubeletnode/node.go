@@ -182,10 +182,10 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 // serveRuntime serves the fake runtime, with the GPU hook in front of its
 // runtime service, on a unix socket.
 func (n *Node) serveRuntime(sock string) error {
-	if err := n.rt.Start("unix://" + filepath.Join(n.opts.SocketDir, "unused.sock")); err != nil {
-		return err
-	}
-	n.rt.Stop() // only its status setup was wanted; we serve it below
+	// Runtime and network ready, as the fake's own Start would say.
+	n.rt.RuntimeService.FakeStatus = &runtimeapi.RuntimeStatus{Conditions: []*runtimeapi.RuntimeCondition{
+		{Type: runtimeapi.RuntimeReady, Status: true}, {Type: runtimeapi.NetworkReady, Status: true},
+	}}
 	_ = os.Remove(sock)
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -218,8 +218,8 @@ func (n *Node) watchPods() {
 	f.Start(n.ctx.Done())
 }
 
-// admissionReasons are kubelet's reasons for rejecting a pod at admission
-// that a MIG device can cause.
+// admissionFailure reports whether kubelet rejected a pod at admission for
+// a reason a MIG device can cause.
 func admissionFailure(p *v1.Pod) bool {
 	if p.Status.Phase != v1.PodFailed {
 		return false
