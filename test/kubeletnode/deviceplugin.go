@@ -90,6 +90,11 @@ func (p *plugin) serve(ctx context.Context) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	select {
+	case <-p.stop:
+		return nil // its container stopped meanwhile: serve nothing
+	default:
+	}
 	p.stopServersLocked()
 	for _, r := range slices.Sorted(maps.Keys(ids)) {
 		sock := "nvidia-" + strings.TrimPrefix(r, "nvidia.com/") + ".sock"
