@@ -120,20 +120,9 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	if o.ProcessDelay == 0 {
 		o.ProcessDelay = nodesim.DefaultProcessDelay
 	}
-	sim, err := gpu.NewSimulator(o.Name, o.Models...)
+	sim, nv, err := nodesim.NewGPUs(o.Name, o.Models, o.Slices)
 	if err != nil {
 		return nil, err
-	}
-	nv, err := gpu.Open(sim.Interface())
-	if err != nil {
-		return nil, err
-	}
-	for g, ss := range o.Slices {
-		for _, sl := range ss {
-			if _, err := nv.Create(g, sl.Profile, sl.Start); err != nil {
-				return nil, fmt.Errorf("node %s: existing slice %s on gpu %d: %w", o.Name, sl, g, err)
-			}
-		}
 	}
 	root := filepath.Join(o.Dir, "root")
 	n := &Node{

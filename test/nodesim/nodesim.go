@@ -223,15 +223,33 @@ func (n *Node) Failures() []Failure {
 	return append([]Failure(nil), n.failures...)
 }
 
+// NewGPUs simulates a node's GPUs (catalog models, MIG mode on) with the
+// slices that exist before anything starts (GPU index → slices), and
+// opens the NVML session the device plugin reads them through.
+func NewGPUs(node string, models []string, existing map[int][]mig.Slice) (*gpu.Simulator, *gpu.NVML, error) {
+	sim, err := gpu.NewSimulator(node, models...)
+	if err != nil {
+		return nil, nil, err
+	}
+	l, err := gpu.Open(sim.Interface())
+	if err != nil {
+		return nil, nil, err
+	}
+	for g, ss := range existing {
+		for _, sl := range ss {
+			if _, err := l.Create(g, sl.Profile, sl.Start); err != nil {
+				return nil, nil, fmt.Errorf("node %s: existing slice %s on gpu %d: %w", node, sl, g, err)
+			}
+		}
+	}
+	return sim, l, nil
+}
+
 // Start creates the Node, serves PodResources, starts the device plugin
 // and admits the pods bound to the node until ctx ends.
 func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, error) {
 	o = withDefaults(o)
-	sim, err := gpu.NewSimulator(o.Name, o.Models...)
-	if err != nil {
-		return nil, err
-	}
-	plugin, err := gpu.Open(sim.Interface())
+	sim, plugin, err := NewGPUs(o.Name, o.Models, o.Slices)
 	if err != nil {
 		return nil, err
 	}
@@ -241,13 +259,6 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 		queue: workqueue.NewTyped[string](), kick: make(chan struct{}, 1), gracePeriod: endpointStopGracePeriod,
 		rng:       rand.New(rand.NewSource(o.Seed)),
 		endpoints: map[string]*endpoint{}, pods: map[string]*podState{},
-	}
-	for g, slices := range o.Slices {
-		for _, sl := range slices {
-			if _, err := plugin.Create(g, sl.Profile, sl.Start); err != nil {
-				return nil, fmt.Errorf("node %s: existing slice %s on gpu %d: %w", o.Name, sl, g, err)
-			}
-		}
 	}
 	if err := n.server.Serve(n.Socket); err != nil {
 		return nil, err
