@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	podresourcesv1 "k8s.io/kubelet/pkg/apis/podresources/v1"
@@ -64,6 +66,19 @@ func start(t *testing.T, o Options) *harness {
 		p.Status.Phase = v1.PodPending // as the API server's pod strategy sets it
 		return false, nil, nil
 	})
+	// The fake clientset's watch starts after its informer reports synced
+	// and, unlike the API server's, does not replay what happened since the
+	// list: start returns once the node's pod watch is on.
+	watching := make(chan struct{})
+	var once sync.Once
+	cs.PrependWatchReactor("pods", func(a k8stesting.Action) (bool, watch.Interface, error) {
+		w, err := cs.Tracker().Watch(a.GetResource(), a.GetNamespace(), a.(k8stesting.WatchActionImpl).ListOptions)
+		if err != nil {
+			return true, nil, err
+		}
+		once.Do(func() { close(watching) })
+		return true, w, nil
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	if o.Name == "" {
@@ -75,6 +90,11 @@ func start(t *testing.T, o Options) *harness {
 	o.SocketDir = t.TempDir()
 	n, err := Start(ctx, cs, o)
 	require.NoError(t, err)
+	select {
+	case <-watching:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the node's pod watch did not start")
+	}
 	lib, err := gpu.Open(n.Sim.Interface())
 	require.NoError(t, err)
 	prc, err := podresources.Dial(n.Socket, 5*time.Second)
