@@ -35,9 +35,13 @@ import (
 	dynamiglisters "github.com/dynamig/dynamig/pkg/generated/listers/dynamig/v1alpha1"
 )
 
-// Kubelet is what the agent asks kubelet: the devices pods hold.
+// Kubelet is what the agent asks kubelet (podresources.Client).
 type Kubelet interface {
-	Devices(ctx context.Context, prefix string) (podresources.Devices, error)
+	// Devices says which pods kubelet knows and the devices they hold;
+	// pods, when not nil, are the only pods asked about.
+	Devices(ctx context.Context, prefix string, pods []string) (podresources.Devices, error)
+	// Allocatable lists the devices kubelet can hand out.
+	Allocatable(ctx context.Context, prefix string) (map[string][]string, error)
 }
 
 // Config is the agent's configuration.

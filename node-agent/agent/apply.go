@@ -10,7 +10,6 @@ import (
 
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/guard"
-	"github.com/dynamig/dynamig/pkg/mig"
 )
 
 // apply runs the steps in order. Before each destroy it asks kubelet
@@ -68,7 +67,7 @@ func (a *Agent) recheck(ctx context.Context, st Step, observed []Observed) (stri
 	if guard.Off(guard.Recheck) {
 		return "", nil
 	}
-	d, err := a.kubelet.Devices(ctx, mig.ResourcePrefix)
+	d, err := a.kubeletDevices(ctx)
 	if err != nil {
 		return "", err
 	}

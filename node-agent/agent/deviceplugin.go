@@ -174,12 +174,12 @@ func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
 		if missing = allocatableDiff(node, want); missing != "" {
 			return false, nil
 		}
-		devices, err := a.kubelet.Devices(ctx, mig.ResourcePrefix)
+		allocatable, err := a.kubelet.Allocatable(ctx, mig.ResourcePrefix)
 		if err != nil {
 			missing = err.Error()
 			return false, nil
 		}
-		missing = identityDiff(devices.Allocatable, observed)
+		missing = identityDiff(allocatable, observed)
 		return missing == "", nil
 	})
 	if err != nil {

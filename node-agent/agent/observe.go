@@ -48,7 +48,11 @@ func (a *Agent) observe(ctx context.Context) (observation, error) {
 	if err != nil {
 		return observation{}, err
 	}
-	devices, kubeletErr := a.kubelet.Devices(ctx, mig.ResourcePrefix)
+	pods, err := a.podLister.List(labels.Everything())
+	if err != nil {
+		return observation{}, fmt.Errorf("listing the pods bound to node %s: %w", a.cfg.NodeName, err)
+	}
+	devices, kubeletErr := a.kubelet.Devices(ctx, mig.ResourcePrefix, quietAsk(pods))
 	if kubeletErr == nil {
 		kubeletErr = indexIDs(devices)
 	}
@@ -67,12 +71,45 @@ func (a *Agent) observe(ctx context.Context) (observation, error) {
 		}
 		obs.gpus = append(obs.gpus, o)
 	}
-	pods, err := a.podLister.List(labels.Everything())
-	if err != nil {
-		return observation{}, fmt.Errorf("listing the pods bound to node %s: %w", a.cfg.NodeName, err)
-	}
 	obs.holders(pods, devices)
 	return obs, nil
+}
+
+// quietAsk is nil (ask kubelet with List) unless a pod bound to the node
+// may be in kubelet's admission; then it names the pods bound to the node
+// that are not finished, to be asked about one by one. A List while a
+// pod's devices are being allocated can make kubelet hand them to the next
+// pod as well (podresources.Client.Devices). A pod kubelet runs whose API
+// object is gone (force-deleted) is not asked about then; NVML's in-use
+// check still stands between its slice and a destroy.
+func quietAsk(pods []*v1.Pod) []string {
+	var ask []string
+	admitting := false
+	for _, p := range pods {
+		if p.Status.Phase == v1.PodSucceeded || p.Status.Phase == v1.PodFailed {
+			continue
+		}
+		ask = append(ask, p.Namespace+"/"+p.Name)
+		// Until kubelet admits a pod and writes its status, the pod has
+		// no container statuses.
+		admitting = admitting || p.Status.Phase == v1.PodPending && p.DeletionTimestamp == nil &&
+			len(p.Status.ContainerStatuses) == 0 && len(p.Status.InitContainerStatuses) == 0
+	}
+	if !admitting {
+		return nil
+	}
+	sort.Strings(ask)
+	return ask
+}
+
+// kubeletDevices asks kubelet who holds the MIG devices, quietly while a
+// pod may be in admission (quietAsk).
+func (a *Agent) kubeletDevices(ctx context.Context) (podresources.Devices, error) {
+	pods, err := a.podLister.List(labels.Everything())
+	if err != nil {
+		return podresources.Devices{}, fmt.Errorf("listing the pods bound to node %s: %w", a.cfg.NodeName, err)
+	}
+	return a.kubelet.Devices(ctx, mig.ResourcePrefix, quietAsk(pods))
 }
 
 // unknownHolder is the holder of a slice the agent cannot prove free.

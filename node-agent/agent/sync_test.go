@@ -14,6 +14,8 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2/ktesting"
 
@@ -366,11 +368,53 @@ func TestAllocatableDiff(t *testing.T) {
 	assert.Equal(t, "nvidia.com/mig-1g.6gb: allocatable 0, slices 2", allocatableDiff(node(nil), want))
 }
 
-// fakeKubelet answers PodResources with fixed devices.
-type fakeKubelet struct{ devices podresources.Devices }
+// fakeKubelet answers PodResources with fixed devices, and records whom
+// Devices was asked about.
+type fakeKubelet struct {
+	devices podresources.Devices
+	asked   *[][]string
+}
 
-func (f fakeKubelet) Devices(context.Context, string) (podresources.Devices, error) {
+func (f fakeKubelet) Devices(_ context.Context, _ string, pods []string) (podresources.Devices, error) {
+	if f.asked != nil {
+		*f.asked = append(*f.asked, pods)
+	}
 	return f.devices, nil
+}
+
+func (f fakeKubelet) Allocatable(context.Context, string) (map[string][]string, error) {
+	return f.devices.Allocatable, nil
+}
+
+func podLister(t *testing.T, pods ...*v1.Pod) corelisters.PodLister {
+	idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
+	for _, p := range pods {
+		require.NoError(t, idx.Add(p))
+	}
+	return corelisters.NewPodLister(idx)
+}
+
+// While a pod bound to the node may be in kubelet's admission (Pending,
+// no container status yet), the agent asks kubelet about the node's pods
+// one by one: a List then could make kubelet hand that pod's devices to
+// the next pod too. Otherwise it lists.
+func TestAsksQuietlyDuringAdmission(t *testing.T) {
+	pod := func(name string, phase v1.PodPhase, started bool) *v1.Pod {
+		p := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "team", Name: name}, Status: v1.PodStatus{Phase: phase}}
+		if started {
+			p.Status.ContainerStatuses = []v1.ContainerStatus{{Name: "main"}}
+		}
+		return p
+	}
+	running, creating, done := pod("running", v1.PodRunning, true), pod("creating", v1.PodPending, true), pod("done", v1.PodSucceeded, true)
+	var asked [][]string
+	_, ctx := ktesting.NewTestContext(t)
+	for _, pods := range [][]*v1.Pod{{running, creating, done}, {running, done, pod("bound", v1.PodPending, false)}} {
+		a := &Agent{kubelet: fakeKubelet{asked: &asked}, podLister: podLister(t, pods...)}
+		_, err := a.kubeletDevices(ctx)
+		require.NoError(t, err)
+	}
+	assert.Equal(t, [][]string{nil, {"team/bound", "team/running"}}, asked)
 }
 
 // Just before a destroy the agent asks kubelet again: a slice that was
@@ -384,7 +428,7 @@ func TestApplyRechecksBeforeDestroy(t *testing.T) {
 	s, err := lib.Create(0, mig.MustParseProfile("1g.10gb"), 0)
 	require.NoError(t, err)
 	observed := []Observed{{GPU: gpu.GPU{Index: 0}, Slices: []ObservedSlice{{Slice: s}}}}
-	a := &Agent{lib: lib, kubelet: fakeKubelet{podresources.Devices{Used: map[string]string{s.UUID: "team/just-admitted"}}}}
+	a := &Agent{lib: lib, kubelet: fakeKubelet{devices: podresources.Devices{Used: map[string]string{s.UUID: "team/just-admitted"}}}, podLister: podLister(t)}
 	_, ctx := ktesting.NewTestContext(t)
 	out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed)
 	assert.Empty(t, out.steps)

@@ -13,7 +13,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 )
 
@@ -53,14 +55,20 @@ type Devices struct {
 	Pods map[string]bool
 }
 
-// Devices lists the pods kubelet admitted, and the allocated and
-// allocatable device IDs of the resources whose names start with prefix
-// ("nvidia.com/mig-"). IDs are as the device plugin advertised them,
-// without a "::n" replica suffix.
-func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
-	listCtx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
-	list, err := c.api.List(listCtx, &v1.ListPodResourcesRequest{})
+// Devices lists the pods kubelet knows (those it admitted or is
+// admitting), and the allocated and allocatable device IDs of the
+// resources whose names start with prefix ("nvidia.com/mig-"). IDs are as
+// the device plugin advertised them, without a "::n" replica suffix.
+//
+// With pods nil it asks with List. Otherwise it asks about those pods
+// ("namespace/name") only, with one Get each: List makes kubelet rebuild
+// its set of allocated devices from the pods whose Allocate returned
+// (devicemanager UpdateAllocatedDevices, k8s.io/kubernetes v1.37.2), so a
+// List while a pod's Allocate is in flight can free that pod's devices for
+// the next pod. Get does not rebuild it. A kubelet whose Get is switched
+// off (feature gate KubeletPodResourcesGet) is asked with List.
+func (c *Client) Devices(ctx context.Context, prefix string, pods []string) (Devices, error) {
+	list, err := c.podResources(ctx, pods)
 	if err != nil {
 		return Devices{}, fmt.Errorf("listing pod resources from kubelet at %s: %w", c.socket, err)
 	}
@@ -69,7 +77,7 @@ func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
 		return Devices{}, err
 	}
 	d := Devices{Used: map[string]string{}, Allocatable: allocatable, Pods: map[string]bool{}}
-	for _, pod := range list.GetPodResources() {
+	for _, pod := range list {
 		d.Pods[pod.GetNamespace()+"/"+pod.GetName()] = true
 		for _, ctr := range pod.GetContainers() {
 			for _, dev := range ctr.GetDevices() {
@@ -82,6 +90,44 @@ func (c *Client) Devices(ctx context.Context, prefix string) (Devices, error) {
 		}
 	}
 	return d, nil
+}
+
+// podResources is List, or Get for each of pods when pods is not nil and
+// kubelet serves Get; a pod kubelet does not know is left out.
+func (c *Client) podResources(ctx context.Context, pods []string) ([]*v1.PodResources, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	if pods != nil {
+		out := make([]*v1.PodResources, 0, len(pods))
+		for _, key := range pods {
+			ns, name, _ := strings.Cut(key, "/")
+			got, err := c.api.Get(ctx, &v1.GetPodResourcesRequest{PodNamespace: ns, PodName: name})
+			switch {
+			case err == nil:
+				out = append(out, got.GetPodResources())
+			case podUnknown(err):
+			case status.Code(err) == codes.Unknown || status.Code(err) == codes.Unimplemented:
+				return c.list(ctx) // Get switched off, or not served
+			default:
+				return nil, err
+			}
+		}
+		return out, nil
+	}
+	return c.list(ctx)
+}
+
+func (c *Client) list(ctx context.Context) ([]*v1.PodResources, error) {
+	list, err := c.api.List(ctx, &v1.ListPodResourcesRequest{})
+	return list.GetPodResources(), err
+}
+
+// podUnknown reports whether a Get failed because kubelet does not know the
+// pod: kubelet says so in a plain error ("pod %s in namespace %s not
+// found"), not a NotFound code.
+func podUnknown(err error) bool {
+	s := status.Convert(err)
+	return s.Code() == codes.Unknown && strings.HasPrefix(s.Message(), "pod ") && strings.HasSuffix(s.Message(), " not found")
 }
 
 // Allocatable is kubelet's GetAllocatableResources for the resources whose

@@ -29,15 +29,45 @@ func TestClientServer(t *testing.T) {
 	c, err := Dial(socket, 5*time.Second)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Close() })
-	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
+	d, err := c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0", "MIG-c": "team/train"}, d.Used)
 	assert.Equal(t, map[string][]string{"nvidia.com/mig-1g.10gb": {"MIG-a", "MIG-b"}, "nvidia.com/mig-3g.40gb": {"MIG-c"}}, d.Allocatable)
 
 	srv.Release("team/train")
-	d, err = c.Devices(context.Background(), "nvidia.com/mig-")
+	d, err = c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0"}, d.Used)
+}
+
+// Asked about some pods, the client uses Get, not List (which makes
+// kubelet rebuild its allocated set): only those pods are reported, and a
+// pod kubelet does not know is left out. A kubelet with Get switched off
+// is asked with List.
+func TestDevicesOfPods(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "kubelet.sock")
+	srv := NewServer()
+	require.NoError(t, srv.Serve(socket))
+	t.Cleanup(srv.Stop)
+	srv.SetAllocatable("nvidia.com/mig-1g.10gb", []string{"MIG-a", "MIG-b"})
+	srv.Allocate("team/infer-0", "main", "nvidia.com/mig-1g.10gb", "MIG-a")
+	srv.Allocate("team/infer-1", "main", "nvidia.com/mig-1g.10gb", "MIG-b")
+	srv.AddPod("team/admitting", "main")
+	c, err := Dial(socket, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+
+	d, err := c.Devices(context.Background(), "nvidia.com/mig-", []string{"team/infer-0", "team/admitting", "team/unknown"})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0"}, d.Used)
+	assert.Equal(t, map[string]bool{"team/infer-0": true, "team/admitting": true}, d.Pods)
+	assert.Zero(t, srv.Lists())
+
+	srv.SwitchGetOff()
+	d, err = c.Devices(context.Background(), "nvidia.com/mig-", []string{"team/infer-0"})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0", "MIG-b": "team/infer-1"}, d.Used, "everything, from List")
+	assert.Equal(t, 1, srv.Lists())
 }
 
 // Allocatable is GetAllocatableResources by resource: every device
@@ -73,7 +103,7 @@ func TestAllocatable(t *testing.T) {
 	got, err = c.Allocatable(context.Background(), "nvidia.com/mig-")
 	require.NoError(t, err)
 	assert.Equal(t, map[string][]string{"nvidia.com/mig-3g.40gb": {"MIG-c"}}, got)
-	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
+	d, err := c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-c": "team/train"}, d.Used)
 	assert.Equal(t, map[string][]string{"nvidia.com/mig-3g.40gb": {"MIG-c"}}, d.Allocatable)
@@ -117,7 +147,7 @@ func TestServerListsPods(t *testing.T) {
 	_, err = api.Get(context.Background(), &v1.GetPodResourcesRequest{PodNamespace: "team", PodName: "cpu-only"})
 	require.Error(t, err)
 
-	d, err := c.Devices(context.Background(), "nvidia.com/mig-")
+	d, err := c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-a": "team/two", "MIG-b": "team/two"}, d.Used)
 	assert.Equal(t, map[string]bool{"team/two": true}, d.Pods, "every listed pod, devices or not")
@@ -128,7 +158,7 @@ func TestClientWithoutKubelet(t *testing.T) {
 	c, err := Dial(socket, time.Second)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Close() })
-	_, err = c.Devices(context.Background(), "nvidia.com/mig-")
+	_, err = c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "listing pod resources from kubelet at "+socket)
 }

@@ -2,6 +2,7 @@ package podresources
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net"
@@ -11,8 +12,6 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 )
 
@@ -24,6 +23,8 @@ type Server struct {
 	mu          sync.Mutex
 	allocatable map[string][]string                       // resource → device IDs
 	pods        map[string]map[string]map[string][]string // "ns/name" → container → resource → IDs
+	lists       int                                       // List calls served
+	getOff      bool                                      // Get answers as with KubeletPodResourcesGet off
 
 	grpc *grpc.Server
 }
@@ -117,6 +118,7 @@ func (s *Server) Release(pod string) {
 func (s *Server) List(context.Context, *v1.ListPodResourcesRequest) (*v1.ListPodResourcesResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.lists++
 	out := &v1.ListPodResourcesResponse{}
 	for _, key := range slices.Sorted(maps.Keys(s.pods)) {
 		out.PodResources = append(out.PodResources, s.podLocked(key))
@@ -128,11 +130,30 @@ func (s *Server) List(context.Context, *v1.ListPodResourcesRequest) (*v1.ListPod
 func (s *Server) Get(_ context.Context, req *v1.GetPodResourcesRequest) (*v1.GetPodResourcesResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.getOff {
+		return nil, errors.New("PodResources API Get method disabled")
+	}
 	key := req.GetPodNamespace() + "/" + req.GetPodName()
 	if _, ok := s.pods[key]; !ok {
-		return nil, status.Errorf(codes.NotFound, "pod %s not found", key)
+		return nil, fmt.Errorf("pod %s in namespace %s not found", req.GetPodName(), req.GetPodNamespace()) // as kubelet says it: no NotFound code
 	}
 	return &v1.GetPodResourcesResponse{PodResources: s.podLocked(key)}, nil
+}
+
+// Lists counts the List calls served: a List makes kubelet rebuild its
+// set of allocated devices.
+func (s *Server) Lists() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lists
+}
+
+// SwitchGetOff makes Get fail as kubelet's does with the feature gate
+// KubeletPodResourcesGet off (beta, on by default, in 1.34 and 1.35).
+func (s *Server) SwitchGetOff() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.getOff = true
 }
 
 // GetAllocatableResources implements the API. Like kubelet

@@ -440,7 +440,7 @@ func TestInitContainers(t *testing.T) {
 		assert.Equal(t, c.listedMain, listed[c.name+"/main"], c.name)
 	}
 	assert.Equal(t, 1, listed["sidecar/side"])
-	d, err := h.prc.Devices(context.Background(), "nvidia.com/mig-")
+	d, err := h.prc.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.NoError(t, err)
 	initOnly := h.node.Holding("team/initonly")[r1g][0]
 	assert.NotContains(t, d.Used, initOnly, "held, yet invisible in PodResources")
