@@ -91,6 +91,15 @@ images: ## Build the container images (needs docker): dynamig/dynamig-scheduler:
 test-e2e: control-plane ## Run the end-to-end tests on the local cluster (part of make test).
 	$(GO) test -race -count=1 -v ./test/e2e/
 
+COMPAT_VERSIONS ?= 1.34 1.35 1.36
+.PHONY: test-compat
+test-compat: control-plane ## Run the seed and a day in the life (examples/day.yaml) on older control planes (COMPAT_VERSIONS, default 1.34 1.35 1.36), built from test/compat/k8s-<version>.
+	$(GO) build -o $(BIN)/ ./cmd/dynamig-local
+	for v in $(COMPAT_VERSIONS); do \
+		echo "== Kubernetes $$v: the seed"; $(BIN)/dynamig-local --kubernetes-version $$v || exit 1; \
+		echo "== Kubernetes $$v: a day in the life"; $(BIN)/dynamig-local --kubernetes-version $$v --time-scale 1440 examples/day.yaml || exit 1; \
+	done
+
 RUNS ?= 1000
 SEED ?= 1
 .PHONY: soak

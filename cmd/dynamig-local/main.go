@@ -42,7 +42,8 @@ func main() {
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
 	soakFaults := fs.String("soak-faults", "", "soak: the faults runs pick from, comma-separated (default all: "+strings.Join(local.SoakFaults, ",")+")")
 	soakSeed := fs.Uint64("soak-seed", 1, "soak: the first run's seed (run i uses seed+i; a failing seed reruns with --soak 1 --soak-seed S)")
-	build := fs.String("build-control-plane", "", "only build etcd, kube-apiserver, kube-controller-manager and kubelet into this directory (make control-plane)")
+	fs.StringVar(&o.KubernetesVersion, "kubernetes-version", "", "run kube-apiserver, kube-controller-manager and kubelet of this older Kubernetes release ("+strings.Join(local.OlderVersions, ", ")+"; default "+local.Version()+", this module's), built from test/compat/k8s-<version>")
+	build := fs.String("build-control-plane", "", "only build etcd, kube-apiserver, kube-controller-manager and kubelet into this directory (make control-plane; with --kubernetes-version, that release's into DIR/k8s-<version>)")
 	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
 	// Flags may come before or after the scenario file.
 	var positional []string
@@ -61,7 +62,13 @@ func main() {
 		o.Scenario = positional[0]
 	}
 	if *build != "" {
-		if err := local.BuildControlPlane(context.Background(), *build, os.Stdout); err != nil {
+		buildAll := local.BuildControlPlane
+		if o.KubernetesVersion != "" {
+			buildAll = func(ctx context.Context, dir string, out io.Writer) error {
+				return local.BuildOlderControlPlane(ctx, dir, o.KubernetesVersion, out)
+			}
+		}
+		if err := buildAll(context.Background(), *build, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
 			os.Exit(1)
 		}
@@ -89,6 +96,7 @@ func main() {
 		}
 		violations, err := local.RunSoak(ctx, local.SoakOptions{Runs: *soak, Seed: *soakSeed, Faults: faults, Cluster: local.Options{
 			Dir: o.Dir, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay, DevicePluginTimeout: 30 * time.Second,
+			KubernetesVersion: o.KubernetesVersion,
 		}}, os.Stdout)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "dynamig-local:", err)

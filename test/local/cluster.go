@@ -9,6 +9,7 @@
 package local
 
 import (
+	"cmp"
 	"context"
 
 	"fmt"
@@ -47,6 +48,9 @@ type Options struct {
 	DevicePluginDelay, SliceDelay time.Duration
 	// DevicePluginTimeout is the agents' wait for re-advertisement (default 2m).
 	DevicePluginTimeout time.Duration
+	// KubernetesVersion picks kube-apiserver, kube-controller-manager and
+	// kubelet: "" for this module's (Version), or one of OlderVersions.
+	KubernetesVersion string
 }
 
 // Cluster is a running local cluster.
@@ -59,6 +63,7 @@ type Cluster struct {
 	Partitions dynamigv1alpha1.NodePartitionInterface // Dynamig's NodePartitions
 
 	opts    Options
+	k8sBin  string // kube-apiserver, kube-controller-manager and kubelet
 	tempDir bool
 	cp      *controlPlane
 	ctx     context.Context
@@ -146,12 +151,15 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 		return nil, err
 	}
 	c.socket = sockets
-	if err := EnsureBinaries(ctx, o.Bin, o.Progress); err != nil {
+	if err := EnsureBinaries(ctx, o.Bin, o.KubernetesVersion, o.Progress); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(o.Progress, "starting etcd, kube-apiserver and kube-controller-manager (logs in %s)\n", c.Dir)
+	if c.k8sBin, err = binDir(o.Bin, o.KubernetesVersion); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(o.Progress, "starting etcd, kube-apiserver and kube-controller-manager %s (logs in %s)\n", cmp.Or(o.KubernetesVersion, Version()), c.Dir)
 	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
-	if c.cp, err = startControlPlane(ctx, c.Dir, o.Bin); err != nil {
+	if c.cp, err = startControlPlane(ctx, c.Dir, o.Bin, c.k8sBin); err != nil {
 		c.Stop()
 		return nil, err
 	}
@@ -209,7 +217,7 @@ func (c *Cluster) StopScheduler() {
 // agent: name, GPU models, labels and existing slices come from o; the
 // cluster sets the rest.
 func (c *Cluster) AddNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
-	o.Kubelet, o.Kubeconfig = filepath.Join(c.opts.Bin, "kubelet"), c.Kubeconfig
+	o.Kubelet, o.Kubeconfig = filepath.Join(c.k8sBin, "kubelet"), c.Kubeconfig
 	o.Dir = filepath.Join(c.Dir, "nodes", o.Name)
 	sockets, err := os.MkdirTemp(c.socket, "n")
 	if err != nil {

@@ -25,6 +25,7 @@ import (
 	"github.com/dynamig/dynamig/node-agent/agent"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
+	"github.com/dynamig/dynamig/pkg/compat"
 	"github.com/dynamig/dynamig/pkg/plugins/dynamicmig"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
@@ -80,10 +81,15 @@ type Scheduler struct {
 }
 
 // NewScheduler builds the scheduler; it fails as the binary would on a
-// bad configuration or bad plugin arguments.
+// bad configuration, bad plugin arguments or an unsupported API server,
+// and like the binary it switches off the features whose APIs the server
+// does not serve (compat.FitToServer; the feature gates are the process's).
 func NewScheduler(ctx context.Context, cfg *rest.Config, configFile string, opts ...scheduler.Option) (*Scheduler, error) {
 	cc, err := options.LoadConfigFromFile(klog.FromContext(ctx), configFile)
 	if err != nil {
+		return nil, err
+	}
+	if err := compat.FitToServer(ctx, cfg, nil); err != nil {
 		return nil, err
 	}
 	cs, err := kubernetes.NewForConfig(cfg)

@@ -35,58 +35,145 @@ var Binaries = map[string]string{
 	"server":                  "go.etcd.io/etcd/server/v3", // etcd; go build names it after the module's last element
 }
 
-// EnsureBinaries builds the binaries into dir unless every one is there
-// and newer than go.mod and go.sum. It must run inside the module.
-func EnsureBinaries(ctx context.Context, dir string, progress io.Writer) error {
+// OlderVersions are the older Kubernetes releases the local cluster can
+// run, for the compatibility run: kube-apiserver, kube-controller-manager
+// and kubelet of each are built from a tool module of its own,
+// test/compat/k8s-<version>, into <bin>/k8s-<version>; etcd is this
+// module's. The newest release is this module's (Version).
+var OlderVersions = []string{"1.34", "1.35", "1.36"}
+
+// olderBinaries are the binaries built per older version.
+var olderBinaries = []string{"kube-apiserver", "kube-controller-manager", "kubelet"}
+
+// binDir is where the binaries of a version live: bin itself for this
+// module's, else bin/k8s-<version>. The version must be "" (this module's)
+// or one of OlderVersions.
+func binDir(bin, version string) (string, error) {
+	switch {
+	case version == "":
+		return bin, nil
+	case slices.Contains(OlderVersions, version):
+		return filepath.Join(bin, "k8s-"+version), nil
+	}
+	return "", fmt.Errorf("the local cluster runs Kubernetes %s (this module's) or %s, not %q", Version(), strings.Join(OlderVersions, ", "), version)
+}
+
+// Version is this module's Kubernetes release ("1.37"), or "" if go.mod
+// cannot be read.
+func Version() string {
+	v, err := moduleVersion(moduleRoot())
+	if err != nil {
+		return ""
+	}
+	major, minor, _ := strings.Cut(strings.TrimPrefix(v, "v"), ".")
+	minor, _, _ = strings.Cut(minor, ".")
+	return major + "." + minor
+}
+
+// EnsureBinaries builds the binaries of a Kubernetes version ("" for this
+// module's) into bin (OlderVersions: binDir) unless every one is there and
+// newer than the go.mod and go.sum it is built from. etcd always comes
+// from this module. It must run inside the module.
+func EnsureBinaries(ctx context.Context, bin, version string, progress io.Writer) error {
+	if version != "" {
+		if err := EnsureBinaries(ctx, bin, "", progress); err != nil {
+			return err
+		}
+	}
+	dir, err := binDir(bin, version)
+	if err != nil {
+		return err
+	}
+	mod, names := moduleRoot(), slices.Collect(maps.Keys(Binaries))
+	if version != "" {
+		mod, names = filepath.Join(mod, "test", "compat", "k8s-"+version), olderBinaries
+	}
 	newest := time.Time{}
 	for _, f := range []string{"go.mod", "go.sum"} {
-		st, err := os.Stat(filepath.Join(moduleRoot(), f))
+		st, err := os.Stat(filepath.Join(mod, f))
 		if err != nil {
-			return fmt.Errorf("the local cluster builds its control plane from this module: %w", err)
+			return fmt.Errorf("the local cluster builds its control plane from %s: %w", mod, err)
 		}
 		if st.ModTime().After(newest) {
 			newest = st.ModTime()
 		}
 	}
 	fresh := true
-	for name := range Binaries {
+	for _, name := range names {
 		st, err := os.Stat(filepath.Join(dir, name))
 		fresh = fresh && err == nil && st.ModTime().After(newest)
 	}
 	if fresh {
 		return nil
 	}
-	return BuildControlPlane(ctx, dir, progress)
+	if version != "" {
+		return BuildOlderControlPlane(ctx, bin, version, progress)
+	}
+	return BuildControlPlane(ctx, bin, progress)
 }
 
-// BuildControlPlane builds the binaries into dir, with the version
-// ldflags Kubernetes' own build sets (k8s.io/component-base/version), so
-// that they report the version go.mod requires, not v0.0.0-master.
+// BuildControlPlane builds this module's binaries into dir.
 func BuildControlPlane(ctx context.Context, dir string, progress io.Writer) error {
 	fmt.Fprintf(progress, "building kube-apiserver, kube-controller-manager, kubelet and etcd from the Go modules into %s (the first time takes several minutes)...\n", dir)
-	start := time.Now()
-	out, err := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", "k8s.io/kubernetes").Output()
-	if err != nil {
-		return fmt.Errorf("reading the Kubernetes version from go.mod: %w", err)
+	return build(ctx, moduleRoot(), dir, slices.Sorted(maps.Values(Binaries)), progress)
+}
+
+// BuildOlderControlPlane builds kube-apiserver, kube-controller-manager
+// and kubelet of an older version (one of OlderVersions) into binDir(bin,
+// version).
+func BuildOlderControlPlane(ctx context.Context, bin, version string, progress io.Writer) error {
+	if version == "" {
+		return fmt.Errorf("building an older control plane: no version given (%s)", strings.Join(OlderVersions, ", "))
 	}
-	version := strings.TrimSpace(string(out))
+	dir, err := binDir(bin, version)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(progress, "building Kubernetes %s's kube-apiserver, kube-controller-manager and kubelet into %s (the first time takes several minutes)...\n", version, dir)
+	pkgs := make([]string, len(olderBinaries))
+	for i, name := range olderBinaries {
+		pkgs[i] = Binaries[name]
+	}
+	return build(ctx, filepath.Join(moduleRoot(), "test", "compat", "k8s-"+version), dir, pkgs, progress)
+}
+
+// build builds packages of the module in mod into dir, with the version
+// ldflags Kubernetes' own build sets (k8s.io/component-base/version), so
+// that they report the version the module requires, not v0.0.0-master.
+func build(ctx context.Context, mod, dir string, pkgs []string, progress io.Writer) error {
+	start := time.Now()
+	version, err := moduleVersion(mod)
+	if err != nil {
+		return err
+	}
+	if dir, err = filepath.Abs(dir); err != nil { // the build runs in mod
+		return err
+	}
 	major, minor, _ := strings.Cut(strings.TrimPrefix(version, "v"), ".")
 	minor, _, _ = strings.Cut(minor, ".")
 	const pkg = "k8s.io/component-base/version."
 	ldflags := fmt.Sprintf("-X %sgitVersion=%s -X %sgitMajor=%s -X %sgitMinor=%s -X %sgitTreeState=clean -X %sbuildDate=1970-01-01T00:00:00Z",
 		pkg, version, pkg, major, pkg, minor, pkg, pkg)
-	args := []string{"build", "-ldflags", ldflags, "-o", dir + string(os.PathSeparator)}
-	for _, pkg := range slices.Sorted(maps.Values(Binaries)) {
-		args = append(args, pkg)
-	}
+	args := append([]string{"build", "-ldflags", ldflags, "-o", dir + string(os.PathSeparator)}, pkgs...)
 	cmd := exec.CommandContext(ctx, "go", args...)
-	cmd.Dir = moduleRoot()
+	cmd.Dir = mod
 	cmd.Stdout, cmd.Stderr = progress, progress
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("building the control plane (go %v): %w", args, err)
+		return fmt.Errorf("building the control plane in %s (go %v): %w", mod, args, err)
 	}
 	fmt.Fprintf(progress, "built in %s\n", time.Since(start).Round(time.Second))
 	return nil
+}
+
+// moduleVersion is the k8s.io/kubernetes version the module in mod requires.
+func moduleVersion(mod string) (string, error) {
+	cmd := exec.Command("go", "list", "-m", "-f", "{{.Version}}", "k8s.io/kubernetes")
+	cmd.Dir = mod
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("reading the Kubernetes version from %s/go.mod: %w", mod, err)
+	}
+	return strings.TrimSpace(string(out)), nil
 }
 
 // moduleRoot is the module's directory: where `go env GOMOD` points.
@@ -171,7 +258,9 @@ type controlPlane struct {
 
 const adminToken = "dynamig-local-admin"
 
-func startControlPlane(ctx context.Context, dir, bin string) (*controlPlane, error) {
+// startControlPlane starts etcd from bin and kube-apiserver and
+// kube-controller-manager from k8sBin.
+func startControlPlane(ctx context.Context, dir, bin, k8sBin string) (*controlPlane, error) {
 	ports := make([]int, 4)
 	for i := range ports {
 		p, err := freePort()
@@ -205,7 +294,7 @@ func startControlPlane(ctx context.Context, dir, bin string) (*controlPlane, err
 	if err := os.WriteFile(tokens, []byte(adminToken+",admin,admin,system:masters\n"), 0o600); err != nil {
 		return nil, err
 	}
-	cp.apiserver = &proc{name: "kube-apiserver", bin: filepath.Join(bin, "kube-apiserver"), log: filepath.Join(dir, "kube-apiserver.log"), args: []string{
+	cp.apiserver = &proc{name: "kube-apiserver", bin: filepath.Join(k8sBin, "kube-apiserver"), log: filepath.Join(dir, "kube-apiserver.log"), args: []string{
 		"--etcd-servers=" + etcdURL, "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
 		fmt.Sprintf("--secure-port=%d", ports[2]), "--cert-dir=" + filepath.Join(dir, "certs"),
 		"--service-account-issuer=https://kubernetes.default.svc", "--service-account-key-file=" + saKey,
@@ -227,7 +316,7 @@ func startControlPlane(ctx context.Context, dir, bin string) (*controlPlane, err
 		cp.stop()
 		return nil, err
 	}
-	cp.kcm = &proc{name: "kube-controller-manager", bin: filepath.Join(bin, "kube-controller-manager"), log: filepath.Join(dir, "kube-controller-manager.log"), args: []string{
+	cp.kcm = &proc{name: "kube-controller-manager", bin: filepath.Join(k8sBin, "kube-controller-manager"), log: filepath.Join(dir, "kube-controller-manager.log"), args: []string{
 		"--kubeconfig=" + cp.kubeconfig, "--authentication-kubeconfig=" + cp.kubeconfig, "--authorization-kubeconfig=" + cp.kubeconfig,
 		"--controllers=deployment-controller,replicaset-controller,garbage-collector-controller",
 		"--leader-elect=false", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", ports[3]),

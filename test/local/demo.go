@@ -36,6 +36,7 @@ type DemoOptions struct {
 	DevicePluginDelay, SliceDelay time.Duration
 	TimeScale                     float64
 	Timeout                       time.Duration
+	KubernetesVersion             string // Options.KubernetesVersion
 }
 
 // DemoNamespace holds the demo's pods.
@@ -57,7 +58,7 @@ func Demo(ctx context.Context, o DemoOptions, out io.Writer) (bool, error) {
 	if o.TimeScale <= 0 {
 		return false, fmt.Errorf("--time-scale must be positive, got %g", o.TimeScale)
 	}
-	c, stop, err := startLogged(ctx, Options{Dir: o.Dir, Progress: out, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay})
+	c, stop, err := startLogged(ctx, Options{Dir: o.Dir, Progress: out, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay, KubernetesVersion: o.KubernetesVersion})
 	if err != nil {
 		return false, err
 	}
