@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -18,6 +19,8 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/klog/v2"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+
+	"github.com/dynamig/dynamig/pkg/compat"
 )
 
 const chartDir = "../../manifests/helm/dynamig"
@@ -58,6 +61,19 @@ func (c *cluster) testHelmChart(t *testing.T) {
 			if name == "default" {
 				assert.Contains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
 				assert.Contains(t, kinds, "Role/gpu-operator/dynamig-agent-device-plugin")
+				// The scheduler reports an unsupported API server on its pod.
+				sched := kinds["Deployment/dynamig-system/dynamig-scheduler"]
+				require.NotNil(t, sched)
+				containers, _, _ := unstructured.NestedSlice(sched.Object, "spec", "template", "spec", "containers")
+				env := map[string]any{}
+				for _, e := range containers[0].(map[string]any)["env"].([]any) {
+					e := e.(map[string]any)
+					env[e["name"].(string)] = e["valueFrom"]
+				}
+				assert.Equal(t, map[string]any{
+					"POD_NAME":      map[string]any{"fieldRef": map[string]any{"fieldPath": "metadata.name"}},
+					"POD_NAMESPACE": map[string]any{"fieldRef": map[string]any{"fieldPath": "metadata.namespace"}},
+				}, env)
 				return
 			}
 			cm := kinds["ConfigMap/dynamig-system/gpu-scheduler-config"]
@@ -82,6 +98,17 @@ func (c *cluster) testHelmChart(t *testing.T) {
 			assert.NotContains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
 		})
 	}
+}
+
+// The chart states the Kubernetes versions dynamig-scheduler supports.
+func TestChartKubeVersion(t *testing.T) {
+	chart, err := loader.Load(chartDir)
+	require.NoError(t, err)
+	oldest := compat.Oldest
+	assert.Equal(t, fmt.Sprintf(">=%d.%d.0-0", oldest.Major(), oldest.Minor()), chart.Metadata.KubeVersion)
+	assert.True(t, chartutil.IsCompatibleRange(chart.Metadata.KubeVersion, fmt.Sprintf("v%d.%d.0", oldest.Major(), oldest.Minor())))
+	assert.True(t, chartutil.IsCompatibleRange(chart.Metadata.KubeVersion, "v1.37.2-gke.100"))
+	assert.False(t, chartutil.IsCompatibleRange(chart.Metadata.KubeVersion, fmt.Sprintf("v%d.%d.9", oldest.Major(), oldest.Minor()-1)))
 }
 
 // renderChart renders the chart as `helm template dynamig -n dynamig-system` would.

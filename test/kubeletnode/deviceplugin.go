@@ -2,7 +2,6 @@ package kubeletnode
 
 import (
 	"context"
-	"fmt"
 	"maps"
 	"net"
 	"os"
@@ -13,10 +12,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/klog/v2"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
 
@@ -108,8 +107,8 @@ func (p *plugin) serve(ctx context.Context) error {
 		pluginapi.RegisterDevicePluginServer(srv, &endpoint{n: p.n, resource: r, ids: ids[r], stop: p.stop})
 		go func() { _ = srv.Serve(l) }()
 		p.servers = append(p.servers, srv)
-		if err := register(ctx, filepath.Join(p.n.pluginDir, "kubelet.sock"), r, sock); err != nil {
-			return fmt.Errorf("registering %s: %w", r, err)
+		if err := deviceplugin.Register(ctx, filepath.Join(p.n.pluginDir, "kubelet.sock"), r, sock, &pluginapi.DevicePluginOptions{GetPreferredAllocationAvailable: true}); err != nil {
+			return err
 		}
 	}
 	klog.FromContext(ctx).V(2).Info("stand-in device plugin registered", "node", p.n.Name, "devices", ids)
@@ -130,21 +129,6 @@ func (p *plugin) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.stopServersLocked()
-}
-
-func register(ctx context.Context, kubeletSock, resource, endpoint string) error {
-	conn, err := grpc.NewClient("unix://"+kubeletSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer func() { _ = conn.Close() }()
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	_, err = pluginapi.NewRegistrationClient(conn).Register(ctx, &pluginapi.RegisterRequest{
-		Version: pluginapi.Version, Endpoint: endpoint, ResourceName: resource,
-		Options: &pluginapi.DevicePluginOptions{GetPreferredAllocationAvailable: true},
-	})
-	return err
 }
 
 // endpoint serves one resource.

@@ -77,6 +77,10 @@ type Options struct {
 	// start to its CUDA process on them (default
 	// nodesim.DefaultProcessDelay).
 	ProcessDelay time.Duration
+	// NoNVIDIAPlugin runs no stand-in for NVIDIA's device plugin: the
+	// node's GPU resources are advertised by whoever registers in
+	// PluginDir (agent mode: dynamig's agent).
+	NoNVIDIAPlugin bool
 }
 
 // Node is a running node.
@@ -156,17 +160,23 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	if err := n.waitReady(n.ctx); err != nil {
 		return nil, err
 	}
-	if err := n.createPlugin(n.ctx); err != nil {
-		return nil, err
-	}
-	// The plugin comes up with the node: registered with kubelet before
-	// Start returns, so that a pod bound at once gets its devices.
-	if err := n.waitRegistered(n.ctx); err != nil {
-		return nil, err
+	if !o.NoNVIDIAPlugin {
+		if err := n.createPlugin(n.ctx); err != nil {
+			return nil, err
+		}
+		// The plugin comes up with the node: registered with kubelet before
+		// Start returns, so that a pod bound at once gets its devices.
+		if err := n.waitRegistered(n.ctx); err != nil {
+			return nil, err
+		}
 	}
 	ok = true
 	return n, nil
 }
+
+// PluginDir is the node's device-plugin directory: its kubelet's
+// /var/lib/kubelet/device-plugins, seen from outside its mount namespace.
+func (n *Node) PluginDir() string { return n.pluginDir }
 
 // serveRuntime serves the fake runtime, with the GPU hook in front of its
 // runtime service, on a unix socket.

@@ -13,6 +13,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
@@ -62,9 +63,11 @@ func (r *runtime) CreateContainer(ctx context.Context, req *runtimeapi.CreateCon
 	labels := req.GetConfig().GetLabels()
 	c := &container{pod: labels[podNamespaceLabel] + "/" + labels[podNameLabel], name: labels[containerNameLabel]}
 	c.plugin = labels[podNamespaceLabel] == nodesim.DevicePluginNamespace && req.GetSandboxConfig().GetLabels()[nodesim.DevicePluginLabel] == nodesim.DevicePluginApp
+	kinds := map[string]string{} // device → its CDI kind
 	for _, d := range req.GetConfig().GetCDIDevices() {
-		if id, ok := strings.CutPrefix(d.GetName(), cdiKind+"="); ok {
-			c.devices = append(c.devices, id)
+		kind, id, _ := strings.Cut(d.GetName(), "=")
+		if kind == cdiKind || kind == deviceplugin.CDIKind {
+			c.devices, kinds[id] = append(c.devices, id), kind
 		}
 	}
 	pod := n.pod(ctx, c.pod)
@@ -74,7 +77,7 @@ func (r *runtime) CreateContainer(ctx context.Context, req *runtimeapi.CreateCon
 	for _, id := range c.devices {
 		_, s, ok := n.Sim.MIGDevice(id)
 		if !ok {
-			msg := fmt.Sprintf(createErrorFormat, cdiKind, id)
+			msg := fmt.Sprintf(createErrorFormat, kinds[id], id)
 			n.failures = append(n.failures, nodesim.Failure{Time: now, Kind: nodesim.FailureContainerStart, Pod: c.pod, Container: c.name,
 				Resource: n.resourceOf[id], Device: id, Reason: "CreateContainerError", Message: msg})
 			return nil, fmt.Errorf("%s", msg)

@@ -217,6 +217,17 @@ func (c *Cluster) StopScheduler() {
 // agent: name, GPU models, labels and existing slices come from o; the
 // cluster sets the rest.
 func (c *Cluster) AddNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
+	n, err := c.AddKubeletNode(o)
+	if err != nil {
+		return nil, err
+	}
+	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, stop: n.Stop})
+}
+
+// AddKubeletNode starts a node with the real kubelet, without an agent:
+// the cluster sets the kubelet binary, directories and device-plugin
+// restart delay; the caller stops it (Node.Stop).
+func (c *Cluster) AddKubeletNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
 	o.Kubelet, o.Kubeconfig = filepath.Join(c.k8sBin, "kubelet"), c.Kubeconfig
 	o.Dir = filepath.Join(c.Dir, "nodes", o.Name)
 	sockets, err := os.MkdirTemp(c.socket, "n")
@@ -229,7 +240,7 @@ func (c *Cluster) AddNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
 		return nil, fmt.Errorf("node %s: %w", o.Name, err)
 	}
 	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, c.opts.SliceDelay)
-	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, stop: n.Stop})
+	return n, nil
 }
 
 // AddSimNode starts a node of the light node model (test/nodesim), where

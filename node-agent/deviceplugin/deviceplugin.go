@@ -1,0 +1,305 @@
+// Package deviceplugin is the agent's own device plugin, for nodes in
+// agent mode (devicePlugin: agent): it advertises the node's GPU resources
+// to the kubelet through the v1beta1 device-plugin API — one endpoint per
+// resource name, each registered once and kept registered with or without
+// devices (a resource to retire gets an empty list, never an
+// unregistration) — and sends each endpoint's complete device list again
+// whenever the agent changes it. It registers again whenever the kubelet
+// makes kubelet.sock anew (a starting kubelet deletes every plugin socket).
+//
+// Device IDs are MIG UUIDs (GPU UUIDs for whole GPUs). Allocate hands a
+// container its devices as CDI names, whose specs the agent wrote before
+// it advertised the devices, and as NVIDIA_VISIBLE_DEVICES for clusters
+// without CDI. Allocate creates nothing and cannot fail for a device the
+// plugin advertises: a slice is created before it is advertised.
+package deviceplugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"k8s.io/klog/v2"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+)
+
+// DefaultDir is where the kubelet looks for device plugins.
+const DefaultDir = pluginapi.DevicePluginPath
+
+// CDIKind is the CDI kind ("vendor/class") of the agent's devices; a
+// device's CDI name is CDIKind=<its ID> (CDIName).
+const CDIKind = "dynamig.io/gpu"
+
+// CDIName is the fully qualified CDI name of a device.
+func CDIName(id string) string { return CDIKind + "=" + id }
+
+// Device is a device as the plugin advertises it.
+type Device struct {
+	// ID is the kubelet's device ID: the MIG UUID, or the GPU UUID.
+	ID string
+	// CDIName is the fully qualified CDI device name ("vendor/class=name")
+	// whose spec gives a container the device; empty for none.
+	CDIName string
+}
+
+// Plugin serves the resources of one node.
+type Plugin struct {
+	dir string
+
+	mu        sync.Mutex
+	endpoints map[string]*endpoint // by resource name
+	changed   chan struct{}        // a resource was added
+}
+
+// New returns a plugin that serves in dir (DefaultDir on a node).
+func New(dir string) *Plugin {
+	return &Plugin{dir: dir, endpoints: map[string]*endpoint{}, changed: make(chan struct{}, 1)}
+}
+
+// Set makes devs the devices of each resource it names, and sends every
+// changed list on its ListAndWatch streams. A resource not served yet is
+// served and registered by Run; a resource served already and not in devs
+// keeps its devices. Set(r, nil) withdraws every device of r.
+func (p *Plugin) Set(devs map[string][]Device) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	added := false
+	for r, list := range devs {
+		e, ok := p.endpoints[r]
+		if !ok {
+			e = &endpoint{resource: r, update: make(chan struct{})}
+			p.endpoints[r] = e
+			added = true
+		}
+		e.set(list)
+	}
+	if added {
+		select {
+		case p.changed <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Devices returns the devices advertised for a resource.
+func (p *Plugin) Devices(resource string) []Device {
+	p.mu.Lock()
+	e := p.endpoints[resource]
+	p.mu.Unlock()
+	if e == nil {
+		return nil
+	}
+	devs, _ := e.snapshot()
+	return devs
+}
+
+// Run serves every resource and registers it with the kubelet until ctx
+// ends: a new resource as soon as Set names it, all of them again when
+// kubelet.sock is made anew. A failed registration is retried.
+func (p *Plugin) Run(ctx context.Context) error {
+	logger := klog.FromContext(ctx)
+	kubeletSock := filepath.Join(p.dir, filepath.Base(pluginapi.KubeletSocket))
+	registered := map[string]bool{}
+	var seen os.FileInfo
+	defer p.stopAll()
+	for {
+		st, err := os.Stat(kubeletSock)
+		if err == nil && (seen == nil || !os.SameFile(st, seen)) {
+			if seen != nil {
+				logger.Info("kubelet.sock was made anew: registering every resource again")
+			}
+			seen, registered = st, map[string]bool{}
+		}
+		if err == nil {
+			for _, e := range p.snapshot() {
+				if registered[e.resource] {
+					continue
+				}
+				if err := p.serve(ctx, e, kubeletSock); err != nil {
+					logger.Error(err, "Registering a resource with the kubelet; retrying", "resource", e.resource)
+					continue
+				}
+				registered[e.resource] = true
+				logger.V(2).Info("Registered with the kubelet", "resource", e.resource)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.changed:
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func (p *Plugin) snapshot() []*endpoint {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]*endpoint, 0, len(p.endpoints))
+	for _, r := range slices.Sorted(maps.Keys(p.endpoints)) {
+		out = append(out, p.endpoints[r])
+	}
+	return out
+}
+
+func (p *Plugin) stopAll() {
+	for _, e := range p.snapshot() {
+		e.stopServer()
+	}
+}
+
+// SocketName is the socket file of a resource's endpoint.
+func SocketName(resource string) string {
+	return "dynamig-" + strings.NewReplacer("/", "-", ".", "-").Replace(resource) + ".sock"
+}
+
+// serve (re)starts a resource's gRPC server on its socket and registers it.
+func (p *Plugin) serve(ctx context.Context, e *endpoint, kubeletSock string) error {
+	sock := SocketName(e.resource)
+	path := filepath.Join(p.dir, sock)
+	e.stopServer()
+	if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer()
+	pluginapi.RegisterDevicePluginServer(srv, e)
+	go func() { _ = srv.Serve(l) }()
+	e.mu.Lock()
+	e.server = srv
+	e.mu.Unlock()
+	return Register(ctx, kubeletSock, e.resource, sock, &pluginapi.DevicePluginOptions{})
+}
+
+// Register registers a device-plugin endpoint (a socket file name in the
+// kubelet's device-plugin directory) for a resource with the kubelet.
+func Register(ctx context.Context, kubeletSock, resource, endpoint string, options *pluginapi.DevicePluginOptions) error {
+	conn, err := grpc.NewClient("unix://"+kubeletSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = conn.Close() }()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err = pluginapi.NewRegistrationClient(conn).Register(ctx, &pluginapi.RegisterRequest{
+		Version: pluginapi.Version, Endpoint: endpoint, ResourceName: resource, Options: options,
+	})
+	if err != nil {
+		return fmt.Errorf("registering %s with the kubelet at %s: %w", resource, kubeletSock, err)
+	}
+	return nil
+}
+
+// endpoint serves one resource.
+type endpoint struct {
+	pluginapi.UnimplementedDevicePluginServer
+	resource string
+
+	mu      sync.Mutex
+	devices []Device
+	update  chan struct{} // closed and replaced when devices change
+	server  *grpc.Server
+}
+
+func (e *endpoint) set(devs []Device) {
+	devs = slices.Clone(devs)
+	slices.SortFunc(devs, func(a, b Device) int { return strings.Compare(a.ID, b.ID) })
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if slices.Equal(devs, e.devices) && e.devices != nil {
+		return
+	}
+	if devs == nil {
+		devs = []Device{}
+	}
+	e.devices = devs
+	close(e.update)
+	e.update = make(chan struct{})
+}
+
+func (e *endpoint) snapshot() ([]Device, chan struct{}) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.devices, e.update
+}
+
+func (e *endpoint) stopServer() {
+	e.mu.Lock()
+	srv := e.server
+	e.server = nil
+	e.mu.Unlock()
+	if srv != nil {
+		srv.Stop()
+	}
+}
+
+func (e *endpoint) GetDevicePluginOptions(context.Context, *pluginapi.Empty) (*pluginapi.DevicePluginOptions, error) {
+	return &pluginapi.DevicePluginOptions{}, nil
+}
+
+// ListAndWatch sends the complete device list, all healthy, at once and
+// after every change.
+func (e *endpoint) ListAndWatch(_ *pluginapi.Empty, s grpc.ServerStreamingServer[pluginapi.ListAndWatchResponse]) error {
+	for {
+		devs, update := e.snapshot()
+		resp := &pluginapi.ListAndWatchResponse{Devices: make([]*pluginapi.Device, 0, len(devs))}
+		for _, d := range devs {
+			resp.Devices = append(resp.Devices, &pluginapi.Device{ID: d.ID, Health: pluginapi.Healthy})
+		}
+		if err := s.Send(resp); err != nil {
+			return err
+		}
+		select {
+		case <-update:
+		case <-s.Context().Done():
+			return nil
+		}
+	}
+}
+
+// errNotAdvertised is Allocate's answer for a device the plugin does not
+// advertise (any more): kubelet then fails the pod's admission.
+var errNotAdvertised = errors.New("not advertised by dynamig's device plugin")
+
+// Allocate names the devices: their CDI names, and NVIDIA_VISIBLE_DEVICES
+// for runtimes without CDI.
+func (e *endpoint) Allocate(_ context.Context, req *pluginapi.AllocateRequest) (*pluginapi.AllocateResponse, error) {
+	devs, _ := e.snapshot()
+	byID := map[string]Device{}
+	for _, d := range devs {
+		byID[d.ID] = d
+	}
+	resp := &pluginapi.AllocateResponse{}
+	for _, cr := range req.ContainerRequests {
+		car := &pluginapi.ContainerAllocateResponse{}
+		for _, id := range cr.DevicesIds {
+			d, ok := byID[id]
+			if !ok {
+				return nil, fmt.Errorf("%s device %s: %w", e.resource, id, errNotAdvertised)
+			}
+			if d.CDIName != "" {
+				car.CdiDevices = append(car.CdiDevices, &pluginapi.CDIDevice{Name: d.CDIName})
+			}
+		}
+		car.Envs = map[string]string{"NVIDIA_VISIBLE_DEVICES": strings.Join(cr.DevicesIds, ",")}
+		resp.ContainerResponses = append(resp.ContainerResponses, car)
+	}
+	return resp, nil
+}
+
+func (e *endpoint) PreStartContainer(context.Context, *pluginapi.PreStartContainerRequest) (*pluginapi.PreStartContainerResponse, error) {
+	return &pluginapi.PreStartContainerResponse{}, nil
+}

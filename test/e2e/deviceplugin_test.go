@@ -1,0 +1,135 @@
+package e2e
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
+	"github.com/dynamig/dynamig/node-agent/podresources"
+	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/test/kubeletnode"
+	"github.com/dynamig/dynamig/test/local"
+)
+
+// The agent's device plugin against the real kubelet, on a node without
+// NVIDIA's: registered with no devices, it advertises what it is given at
+// once (PodResources GetAllocatableResources, no restart); a pod gets a
+// device by its CDI name; a withdrawn device leaves what kubelet can
+// allocate while its holder keeps it, and the other resources are not
+// disturbed; after a kubelet restart the plugin registers again.
+func TestAgentDevicePlugin(t *testing.T) {
+	e := newEnv(t, "deviceplugin")
+	sl := func(p string, start int) mig.Slice { return mig.Slice{Profile: mig.MustParseProfile(p), Start: start} }
+	n, err := cluster.AddKubeletNode(kubeletnode.Options{Name: "dp" + e.suffix, Models: []string{"A100-80GB"}, NoNVIDIAPlugin: true,
+		Slices: map[int][]mig.Slice{0: {sl("1g.10gb", 0), sl("1g.10gb", 1), sl("3g.40gb", 4)}}})
+	require.NoError(t, err)
+	t.Cleanup(n.Stop)
+	e.nodes = append(e.nodes, n)
+	uuid := func(s mig.Slice) string {
+		id, err := n.DeviceAt(0, s)
+		require.NoError(t, err)
+		return id
+	}
+	a, b, c := uuid(sl("1g.10gb", 0)), uuid(sl("1g.10gb", 1)), uuid(sl("3g.40gb", 4))
+	const r1, r3 = "nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"
+	dev := func(ids ...string) []deviceplugin.Device {
+		out := make([]deviceplugin.Device, len(ids))
+		for i, id := range ids {
+			out[i] = deviceplugin.Device{ID: id, CDIName: deviceplugin.CDIName(id)}
+		}
+		return out
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	p := deviceplugin.New(n.PluginDir())
+	p.Set(map[string][]deviceplugin.Device{r1: nil, r3: nil})
+	go func() { _ = p.Run(ctx) }()
+	prc, err := podresources.Dial(n.Socket, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = prc.Close() })
+	allocatable := func() map[string][]string {
+		got, err := prc.Allocatable(ctx, "nvidia.com/")
+		if err != nil {
+			return nil
+		}
+		return got
+	}
+	nodeAllocatable := func(r string) (int64, bool) {
+		node, err := cluster.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		if err != nil {
+			return 0, false
+		}
+		q, ok := node.Status.Allocatable[v1.ResourceName(r)]
+		return q.Value(), ok
+	}
+
+	// Registered with no devices: the Node lists both resources at 0 at
+	// kubelet's next status update (every 10 s).
+	e.waitFor(25*time.Second, "both resources on the Node at 0", func() bool {
+		n1, ok1 := nodeAllocatable(r1)
+		n3, ok3 := nodeAllocatable(r3)
+		return ok1 && ok3 && n1 == 0 && n3 == 0
+	})
+	assert.Empty(t, allocatable())
+
+	start := time.Now()
+	p.Set(map[string][]deviceplugin.Device{r1: dev(a, b), r3: dev(c)})
+	want := map[string][]string{r1: sortedIDs(a, b), r3: {c}}
+	e.waitFor(5*time.Second, "kubelet can allocate the new devices", func() bool { return assert.ObjectsAreEqual(want, allocatable()) })
+	t.Logf("kubelet could allocate the devices %s after they were advertised", time.Since(start).Round(time.Millisecond))
+
+	pod := local.Pod("holder", map[string]int64{r1: 1})
+	pod.Namespace, pod.Spec.NodeName = e.ns, n.Name // bound by name: this node has no agent for the scheduler
+	local.RunFor(pod, 600)
+	_, err = cluster.Kube.CoreV1().Pods(e.ns).Create(ctx, pod, metav1.CreateOptions{})
+	require.NoError(t, err)
+	e.waitPhase(30*time.Second, v1.PodRunning, "holder")
+	held := n.Holding(e.ns + "/holder")[r1]
+	require.Len(t, held, 1, "the container was created with its device, by CDI name")
+	free := a
+	if held[0] == a {
+		free = b
+	}
+
+	// Withdraw the free one, then the held one: kubelet stops offering
+	// them; the holder keeps its device; 3g.40gb is not disturbed.
+	p.Set(map[string][]deviceplugin.Device{r1: dev(held[0])})
+	e.waitFor(5*time.Second, "the free device withdrawn", func() bool {
+		return assert.ObjectsAreEqual(map[string][]string{r1: held, r3: {c}}, allocatable())
+	})
+	p.Set(map[string][]deviceplugin.Device{r1: nil})
+	e.waitFor(5*time.Second, "the held device withdrawn", func() bool {
+		return assert.ObjectsAreEqual(map[string][]string{r3: {c}}, allocatable())
+	})
+	assert.Equal(t, held, n.Holding(e.ns + "/holder")[r1], "its holder keeps it")
+	assert.Equal(t, v1.PodRunning, e.phase("holder"))
+	d, err := prc.Devices(ctx, "nvidia.com/", []string{e.ns + "/holder"})
+	require.NoError(t, err)
+	assert.Equal(t, e.ns+"/holder", d.Used[held[0]], "PodResources still shows the holder's device")
+
+	// A kubelet restart deletes the plugin sockets: the plugin registers
+	// again and kubelet can allocate 3g.40gb again.
+	require.NoError(t, n.RestartKubelet(time.Second))
+	e.waitFor(30*time.Second, "registered again after the kubelet restart", func() bool {
+		return assert.ObjectsAreEqual(map[string][]string{r3: {c}}, allocatable())
+	})
+	p.Set(map[string][]deviceplugin.Device{r1: dev(free)})
+	e.waitFor(5*time.Second, "advertised again after the restart", func() bool {
+		return assert.ObjectsAreEqual(map[string][]string{r1: {free}, r3: {c}}, allocatable())
+	})
+	e.invariants()
+}
+
+func sortedIDs(ids ...string) []string {
+	out := slices.Clone(ids)
+	slices.Sort(out)
+	return out
+}
