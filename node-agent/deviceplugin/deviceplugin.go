@@ -114,7 +114,7 @@ func (p *Plugin) Run(ctx context.Context) error {
 	defer p.stopAll()
 	for {
 		st, err := os.Stat(kubeletSock)
-		if err == nil && (seen == nil || !os.SameFile(st, seen)) {
+		if err == nil && (seen == nil || !os.SameFile(st, seen) || !st.ModTime().Equal(seen.ModTime())) {
 			if seen != nil {
 				logger.Info("kubelet.sock was made anew: registering every resource again")
 			}
@@ -122,6 +122,11 @@ func (p *Plugin) Run(ctx context.Context) error {
 		}
 		if err == nil {
 			for _, e := range p.snapshot() {
+				// A starting kubelet deletes every socket in the directory
+				// (the new kubelet.sock may even reuse the old one's inode).
+				if _, err := os.Stat(filepath.Join(p.dir, SocketName(e.resource))); err != nil {
+					registered[e.resource] = false
+				}
 				if registered[e.resource] {
 					continue
 				}

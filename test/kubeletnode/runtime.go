@@ -3,13 +3,18 @@ package kubeletnode
 import (
 	"context"
 	"fmt"
+	"maps"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/cri-client/pkg/fake"
+	podresourcesapi "k8s.io/kubelet/pkg/apis/podresources/v1"
 
 	v1 "k8s.io/api/core/v1"
 
@@ -48,6 +53,32 @@ type runtime struct {
 	n *Node
 }
 
+// kubeletAllocation asks kubelet which resource each device of a pod was
+// allocated as (PodResources Get, which leaves kubelet's allocated set
+// alone, unlike List).
+func (n *Node) kubeletAllocation(ctx context.Context, ns, name string) (map[string]string, error) {
+	conn, err := grpc.NewClient("unix://"+n.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = conn.Close() }()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	resp, err := podresourcesapi.NewPodResourcesListerClient(conn).Get(ctx, &podresourcesapi.GetPodResourcesRequest{PodName: name, PodNamespace: ns})
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for _, c := range resp.GetPodResources().GetContainers() {
+		for _, d := range c.GetDevices() {
+			for _, id := range d.GetDeviceIds() {
+				out[id] = d.GetResourceName()
+			}
+		}
+	}
+	return out, nil
+}
+
 // container is a created container as the hook tracks it.
 type container struct {
 	id, pod, name string
@@ -68,6 +99,17 @@ func (r *runtime) CreateContainer(ctx context.Context, req *runtimeapi.CreateCon
 		kind, id, _ := strings.Cut(d.GetName(), "=")
 		if kind == cdiKind || kind == deviceplugin.CDIKind {
 			c.devices, kinds[id] = append(c.devices, id), kind
+		}
+	}
+	if slices.Contains(slices.Collect(maps.Values(kinds)), deviceplugin.CDIKind) {
+		// The agent's plugin does not tell the hook what it allocated:
+		// kubelet does.
+		byID, err := n.kubeletAllocation(ctx, labels[podNamespaceLabel], labels[podNameLabel])
+		if err != nil {
+			return nil, fmt.Errorf("asking kubelet for the pod's devices: %w", err)
+		}
+		for id, r := range byID {
+			n.allocated(r, []string{id})
 		}
 	}
 	pod := n.pod(ctx, c.pod)
