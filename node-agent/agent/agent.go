@@ -59,6 +59,11 @@ type Config struct {
 	// ResyncPeriod is how often the agent observes the GPUs without an
 	// event, so that used/free in the status follows pods.
 	ResyncPeriod time.Duration
+	// Plugin, if set, is the agent's own device plugin (agent mode): the
+	// agent advertises the slices through it, withdraws each before
+	// destroying it, and never restarts NVIDIA's plugin
+	// (DevicePluginNamespace and DevicePluginSelector are unused). Run runs it.
+	Plugin Plugin
 }
 
 // Agent reconciles one node.
@@ -160,7 +165,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {
 		return fmt.Errorf("node %s: informers did not sync: %w", a.cfg.NodeName, ctx.Err())
 	}
-	logger.Info("agent started", "devicePlugin", a.cfg.DevicePluginNamespace+"/"+a.cfg.DevicePluginSelector)
+	if a.cfg.Plugin != nil {
+		go func() {
+			if err := a.cfg.Plugin.Run(ctx); err != nil {
+				logger.Error(err, "the agent's device plugin stopped")
+			}
+		}()
+		logger.Info("agent started; it is the node's device plugin")
+	} else {
+		logger.Info("agent started", "devicePlugin", a.cfg.DevicePluginNamespace+"/"+a.cfg.DevicePluginSelector)
+	}
 	a.queue.Add(queueKey)
 	go func() {
 		<-ctx.Done()

@@ -12,14 +12,16 @@ import (
 	"github.com/dynamig/dynamig/pkg/guard"
 )
 
-// apply runs the steps in order. Before each destroy it asks kubelet
-// again whether the slice is free; NVML's IN_USE is the last guard. A
+// apply runs the steps in order. Before each destroy it withdraws the
+// slice from kubelet (agent mode) and asks kubelet again whether the slice
+// is free; NVML's IN_USE is the last guard. A
 // slice found in use blocks the rest of its GPU's steps (a conflict); any
 // other failure stops the run, to be retried. The outcome holds the steps
 // that ran, those conflicts, and the failure with its reason.
 func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed) outcome {
 	logger := klog.FromContext(ctx)
 	blocked := map[int]bool{}
+	withdrawn := map[string]bool{} // MIG UUIDs the agent's plugin no longer advertises
 	var out outcome
 	for _, st := range steps {
 		if blocked[st.GPU] {
@@ -29,6 +31,14 @@ func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed) ou
 		var err error
 		switch st.Kind {
 		case Destroy:
+			if a.cfg.Plugin != nil {
+				if err := a.withdraw(ctx, st, observed, withdrawn); err != nil {
+					out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: ReasonKubeletUnreachable,
+						Message: fmt.Sprintf("gpu %d: not changed: kubelet still offers %s after it was withdrawn: %v", st.GPU, st.Slice, err)})
+					blocked[st.GPU] = true
+					continue
+				}
+			}
 			if who, err := a.recheck(ctx, st, observed); err != nil || who != "" {
 				msg := fmt.Sprintf("gpu %d: not changed: %s is used by pod %s", st.GPU, st.Slice, who)
 				reason := ReasonSliceInUse
@@ -71,15 +81,8 @@ func (a *Agent) recheck(ctx context.Context, st Step, observed []Observed) (stri
 	if err != nil {
 		return "", err
 	}
-	for _, o := range observed {
-		if o.GPU.Index != st.GPU {
-			continue
-		}
-		for _, s := range o.Slices {
-			if s.Slice.Slice == st.Slice {
-				return d.Used[s.UUID], nil
-			}
-		}
+	if s, ok := observedSlice(st, observed); ok {
+		return d.Used[s.UUID], nil
 	}
 	return "", nil
 }

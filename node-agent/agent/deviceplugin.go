@@ -96,7 +96,8 @@ func identityDiff(allocatable map[string][]string, observed []Observed) string {
 // re-advertisement cannot be confirmed.
 var errKubeletUnknown = errors.New("cannot confirm what kubelet can allocate")
 
-// advertise makes the device plugin advertise the observed slices, after
+// advertise makes the device plugin advertise the observed slices: the
+// agent's own (advertiseOwn), or NVIDIA's, after
 // the agent changed them (changed) or when Node allocatable or the device
 // IDs kubelet can allocate are not exactly them. kubelet fails the
 // admission of a pod asking for a resource whose plugin restarts, for
@@ -107,6 +108,9 @@ var errKubeletUnknown = errors.New("cannot confirm what kubelet can allocate")
 // Other errors: kubelet unknown (errKubeletUnknown), or the plugin did not
 // re-advertise within DevicePluginTimeout.
 func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, changed bool) error {
+	if a.cfg.Plugin != nil {
+		return a.advertiseOwn(ctx, obs)
+	}
 	if obs.kubeletErr != nil {
 		if !changed && allocatableDiff(node, advertisable(obs.gpus)) == "" {
 			return nil // nothing changed; nothing to confirm

@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2/ktesting"
 
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
@@ -434,4 +435,71 @@ func TestApplyRechecksBeforeDestroy(t *testing.T) {
 	assert.Empty(t, out.steps)
 	assert.Equal(t, []Conflict{{0, ReasonSliceInUse, "gpu 0: not changed: 1g.10gb@0 is used by pod team/just-admitted"}}, out.conflicts)
 	assert.Equal(t, []mig.Slice{s.Slice}, sim.Layout(0), "nothing destroyed, nothing created on that GPU")
+}
+
+// fakePlugin records what the agent advertised; kubeletFollows answers
+// Allocatable from the last list, as kubelet does once it has it, unless
+// stuck.
+type fakePlugin struct {
+	sets  []map[string][]deviceplugin.Device
+	stuck bool // kubelet keeps the first list
+}
+
+func (f *fakePlugin) Set(d map[string][]deviceplugin.Device) { f.sets = append(f.sets, d) }
+func (f *fakePlugin) Run(context.Context) error              { return nil }
+
+type kubeletFollows struct {
+	fakeKubelet
+	p *fakePlugin
+}
+
+func (k kubeletFollows) Allocatable(context.Context, string) (map[string][]string, error) {
+	if len(k.p.sets) == 0 {
+		return nil, nil
+	}
+	last := k.p.sets[len(k.p.sets)-1]
+	if k.p.stuck {
+		last = k.p.sets[0]
+	}
+	out := map[string][]string{}
+	for r, ds := range last {
+		for _, d := range ds {
+			out[r] = append(out[r], d.ID)
+		}
+	}
+	return out, nil
+}
+
+// In agent mode a slice is withdrawn from kubelet before it is destroyed:
+// the agent sends the list without it and destroys it only once kubelet
+// no longer offers it; if kubelet keeps offering it, nothing on that GPU
+// changes.
+func TestWithdrawBeforeDestroy(t *testing.T) {
+	for _, stuck := range []bool{false, true} {
+		sim, err := gpu.NewSimulator("withdraw", "A100-80GB")
+		require.NoError(t, err)
+		lib, err := gpu.Open(sim.Interface())
+		require.NoError(t, err)
+		s, err := lib.Create(0, mig.MustParseProfile("1g.10gb"), 0)
+		require.NoError(t, err)
+		observed := []Observed{{GPU: gpu.GPU{Index: 0}, Profiles: []mig.Profile{{Name: mig.MustParseProfile("1g.10gb")}}, Slices: []ObservedSlice{{Slice: s}}}}
+		p := &fakePlugin{stuck: stuck}
+		p.Set(ownDevices(observed, nil))
+		a := &Agent{lib: lib, kubelet: kubeletFollows{fakeKubelet{}, p}, podLister: podLister(t),
+			cfg: Config{Plugin: p, DevicePluginTimeout: 300 * time.Millisecond}}
+		_, ctx := ktesting.NewTestContext(t)
+		out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed)
+		require.Len(t, p.sets, 2)
+		assert.Equal(t, map[string][]deviceplugin.Device{"nvidia.com/mig-1g.10gb": nil}, p.sets[1], "withdrawn: the resource stays, without the slice")
+		if stuck {
+			assert.Empty(t, out.steps)
+			require.Len(t, out.conflicts, 1)
+			assert.Equal(t, ReasonKubeletUnreachable, out.conflicts[0].Reason)
+			assert.Contains(t, out.conflicts[0].Message, "gpu 0: not changed: kubelet still offers 1g.10gb@0 after it was withdrawn")
+			assert.Equal(t, []mig.Slice{s.Slice}, sim.Layout(0), "not destroyed")
+			continue
+		}
+		assert.Len(t, out.steps, 2)
+		assert.Equal(t, []mig.Slice{sl("3g.40gb", 4)}, sim.Layout(0))
+	}
 }

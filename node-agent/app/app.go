@@ -22,6 +22,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/agent"
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 )
@@ -35,6 +36,10 @@ type Options struct {
 	// Simulate, if set, runs on simulated GPUs of these catalog models
 	// instead of NVML: "A100-80GB,A100-80GB".
 	Simulate string
+	// DevicePlugin is "nvidia" (restart NVIDIA's device plugin after every
+	// change) or "agent" (serve the node's GPU resources from
+	// DevicePluginDir).
+	DevicePlugin, DevicePluginDir string
 	// Logs is the logging configuration of -v/--v, --vmodule and
 	// --logging-format (text or json); the caller applies it with
 	// logsapi.ValidateAndApply before Run.
@@ -48,6 +53,8 @@ func (o *Options) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file; in-cluster configuration if empty")
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME, set from the downward API)")
 	fs.StringVar(&o.PodResourcesSocket, "pod-resources-socket", podresources.DefaultSocket, "kubelet's PodResources API socket")
+	fs.StringVar(&o.DevicePlugin, "device-plugin", "nvidia", "who advertises the node's GPU resources to the kubelet: nvidia (NVIDIA's device plugin, restarted after every change) or agent (this agent; switch NVIDIA's off on the node, README)")
+	fs.StringVar(&o.DevicePluginDir, "device-plugin-dir", deviceplugin.DefaultDir, "the kubelet's device-plugin directory (agent mode)")
 	fs.StringVar(&o.DevicePluginNamespace, "device-plugin-namespace", "gpu-operator", "namespace of the NVIDIA device plugin pods")
 	fs.StringVar(&o.DevicePluginSelector, "device-plugin-selector", "app=nvidia-device-plugin-daemonset", "label selector of the NVIDIA device plugin pods")
 	fs.DurationVar(&o.DevicePluginTimeout, "device-plugin-timeout", 2*time.Minute, "how long to wait for the device plugin to re-advertise the slices after a change")
@@ -67,6 +74,9 @@ func (o *Options) Validate() error {
 	}
 	if o.DevicePluginTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--device-plugin-timeout must be positive, got %s", o.DevicePluginTimeout))
+	}
+	if o.DevicePlugin != "nvidia" && o.DevicePlugin != "agent" {
+		errs = append(errs, fmt.Errorf("--device-plugin must be nvidia or agent, got %q", o.DevicePlugin))
 	}
 	if o.ResyncPeriod <= 0 {
 		errs = append(errs, fmt.Errorf("--resync-period must be positive, got %s", o.ResyncPeriod))
@@ -108,6 +118,9 @@ func Run(ctx context.Context, o Options) error {
 		return err
 	}
 	defer func() { _ = kubelet.Close() }()
+	if o.DevicePlugin == "agent" {
+		o.Plugin = deviceplugin.New(o.DevicePluginDir)
+	}
 	a, err := agent.NewForConfig(cfg, o.Config, lib, kubelet)
 	if err != nil {
 		return err

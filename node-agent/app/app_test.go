@@ -26,6 +26,8 @@ func TestOptions(t *testing.T) {
 	assert.Equal(t, "gpu-operator", o.DevicePluginNamespace)
 	assert.Equal(t, "app=nvidia-device-plugin-daemonset", o.DevicePluginSelector)
 	assert.Equal(t, 2*time.Minute, o.DevicePluginTimeout)
+	assert.Equal(t, "nvidia", o.DevicePlugin, "restart mode unless asked")
+	assert.Equal(t, "/var/lib/kubelet/device-plugins/", o.DevicePluginDir)
 
 	lib, err := o.OpenGPUs()
 	require.NoError(t, err)
@@ -37,10 +39,11 @@ func TestOptions(t *testing.T) {
 	bad := Options{}
 	fs = pflag.NewFlagSet("agent", pflag.ContinueOnError)
 	bad.Flags(fs)
-	require.NoError(t, fs.Parse([]string{"--node-name=", "--resync-period=0s", "--simulate=A100-81GB"}))
+	require.NoError(t, fs.Parse([]string{"--node-name=", "--resync-period=0s", "--simulate=A100-81GB", "--device-plugin=both"}))
 	err = bad.Validate()
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "--node-name is empty")
+	assert.Contains(t, err.Error(), `--device-plugin must be nvidia or agent, got "both"`)
 	assert.Contains(t, err.Error(), "--resync-period must be positive")
 	bad.NodeName = "n1"
 	_, err = bad.OpenGPUs()

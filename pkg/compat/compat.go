@@ -88,10 +88,14 @@ func Check(d discovery.DiscoveryInterface, fg featuregate.FeatureGate) (Report, 
 	if err != nil {
 		return r, fmt.Errorf("the API server reports version %q, which dynamig-scheduler cannot read: %w", info.GitVersion, err)
 	}
-	if v.LessThan(Oldest) {
+	switch {
+	case v.Major() == 0:
+		// A build without version stamps ("v0.0.0-master+$Format:%H$"): a
+		// development build, or a test's in-process server.
+		r.Warnings = append(r.Warnings, fmt.Sprintf("the API server reports no release version (%s); only its APIs are checked", info.GitVersion))
+	case v.LessThan(Oldest):
 		return r, fmt.Errorf("%w: dynamig-scheduler needs Kubernetes ≥ %s, the API server is %s", ErrUnsupported, Oldest, info.GitVersion)
-	}
-	if version.MajorMinor(v.Major(), v.Minor()).GreaterThan(Newest) {
+	case version.MajorMinor(v.Major(), v.Minor()).GreaterThan(Newest):
 		r.Warnings = append(r.Warnings, fmt.Sprintf("the API server is %s, newer than Kubernetes %s, the newest dynamig-scheduler is built from and tested with", info.GitVersion, Newest))
 	}
 	served := map[schema.GroupVersion]map[string]bool{}

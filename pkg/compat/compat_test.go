@@ -79,6 +79,9 @@ func TestUnsupportedServers(t *testing.T) {
 
 	_, err = Check(server("v1.35.0-gke.1", true), fg)
 	require.NoError(t, err, "a provider's suffix")
+	r, err = Check(server("v0.0.0-master+$Format:%H$", true, "devicetaintrules"), fg)
+	require.NoError(t, err, "a build without version stamps: its APIs decide")
+	assert.Equal(t, []string{"the API server reports no release version (v0.0.0-master+$Format:%H$); only its APIs are checked"}, r.Warnings)
 	_, err = Check(server("banana", true), fg)
 	assert.ErrorContains(t, err, `the API server reports version "banana"`)
 }

@@ -69,6 +69,24 @@ type env struct {
 	group  string
 	suffix string // of the namespace and node names after the first run (go test -count=N)
 	nodes  []*kubeletnode.Node
+	agent  bool // nodes in agent mode: the agent is their device plugin
+}
+
+// modes runs a test once for nodes whose GPU resources NVIDIA's device
+// plugin advertises (restarted after every change), and once for nodes
+// in agent mode.
+func modes(t *testing.T, name string, test func(e *env)) {
+	for _, mode := range []string{local.DevicePluginNVIDIA, local.DevicePluginAgent} {
+		t.Run(mode, func(t *testing.T) {
+			if mode == local.DevicePluginNVIDIA {
+				test(newEnv(t, name))
+				return
+			}
+			e := newEnv(t, name+"-agent")
+			e.agent, e.suffix = true, e.suffix+"-agent"
+			test(e)
+		})
+	}
 }
 
 // runs counts each test's runs in this process, so that -count=N gives
@@ -101,6 +119,7 @@ func (e *env) node(name string, models ...string) *kubeletnode.Node {
 func (e *env) nodeWith(o kubeletnode.Options) *kubeletnode.Node {
 	o.Name += e.suffix
 	o.Labels = map[string]string{"e2e": e.group}
+	o.NoNVIDIAPlugin = e.agent
 	n, err := cluster.AddNode(o)
 	require.NoError(e.t, err)
 	e.nodes = append(e.nodes, n)
@@ -198,8 +217,10 @@ func (e *env) invariants(expected ...string) {
 	e.t.Logf("%d MIG devices destroyed, none while held", destroyed)
 }
 
-func TestSeed(t *testing.T) {
-	e := newEnv(t, "seed")
+func TestSeed(t *testing.T) { modes(t, "seed", testSeed) }
+
+func testSeed(e *env) {
+	t := e.t
 	n := e.node("seed-1", "A100-80GB")
 	start := time.Now()
 	var names []string
@@ -238,8 +259,9 @@ func TestSeed(t *testing.T) {
 // A day in the life: pods of mixed profiles arrive and finish over time on
 // three nodes of three GPU models; every pod runs, and no slice a pod
 // holds is ever destroyed.
-func TestDayInTheLife(t *testing.T) {
-	e := newEnv(t, "day")
+func TestDayInTheLife(t *testing.T) { modes(t, "day", testDayInTheLife) }
+
+func testDayInTheLife(e *env) {
 	e.node("day-a100", "A100-80GB")
 	e.node("day-h100", "H100-80GB")
 	e.node("day-a30", "A30")

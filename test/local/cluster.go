@@ -24,6 +24,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/manifests"
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/client"
 	"github.com/dynamig/dynamig/pkg/generated/clientset/versioned"
@@ -51,7 +52,18 @@ type Options struct {
 	// KubernetesVersion picks kube-apiserver, kube-controller-manager and
 	// kubelet: "" for this module's (Version), or one of OlderVersions.
 	KubernetesVersion string
+	// DevicePlugin is who advertises the GPU resources of nodes with the
+	// real kubelet: DevicePluginNVIDIA (the stand-in for NVIDIA's plugin,
+	// restarted by the agent after every change; the default) or
+	// DevicePluginAgent (the agent's own plugin).
+	DevicePlugin string
 }
+
+// The device-plugin modes of a node (Options.DevicePlugin).
+const (
+	DevicePluginNVIDIA = "nvidia"
+	DevicePluginAgent  = "agent"
+)
 
 // Cluster is a running local cluster.
 type Cluster struct {
@@ -93,8 +105,11 @@ type node struct {
 	Node
 	sim    *gpu.Simulator
 	socket string // PodResources
-	stop   func()
-	agent  *component
+	// pluginDir is the kubelet's device-plugin directory where the agent
+	// serves its own plugin (agent mode); "" where NVIDIA's serves.
+	pluginDir string
+	stop      func()
+	agent     *component
 }
 
 // component is an in-process goroutine that runs until its context ends.
@@ -133,6 +148,11 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 	}
 	if o.Bin == "" {
 		o.Bin = filepath.Join(moduleRoot(), "bin")
+	}
+	switch o.DevicePlugin {
+	case "", DevicePluginNVIDIA, DevicePluginAgent:
+	default:
+		return nil, fmt.Errorf("device plugin %q: want %s or %s", o.DevicePlugin, DevicePluginNVIDIA, DevicePluginAgent)
 	}
 	c := &Cluster{opts: o, nodes: map[string]*node{}}
 	if o.Dir == "" {
@@ -215,13 +235,20 @@ func (c *Cluster) StopScheduler() {
 
 // AddNode starts a node with the real kubelet (test/kubeletnode) and its
 // agent: name, GPU models, labels and existing slices come from o; the
-// cluster sets the rest.
+// cluster sets the rest. The node is in agent mode (the agent is its
+// device plugin) if the cluster's DevicePlugin says so or o.NoNVIDIAPlugin.
 func (c *Cluster) AddNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
+	agentMode := o.NoNVIDIAPlugin || c.opts.DevicePlugin == DevicePluginAgent
+	o.NoNVIDIAPlugin = agentMode
 	n, err := c.AddKubeletNode(o)
 	if err != nil {
 		return nil, err
 	}
-	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, stop: n.Stop})
+	nd := &node{Node: n, sim: n.Sim, socket: n.Socket, stop: n.Stop}
+	if agentMode {
+		nd.pluginDir = n.PluginDir()
+	}
+	return n, c.addNode(o.Name, nd)
 }
 
 // AddKubeletNode starts a node with the real kubelet, without an agent:
@@ -284,6 +311,9 @@ func (c *Cluster) StartAgent(name string) error {
 		return fmt.Errorf("the agent of node %s is running", name)
 	}
 	cfg := AgentConfig(name, c.opts.DevicePluginTimeout)
+	if n.pluginDir != "" {
+		cfg.Plugin = deviceplugin.New(n.pluginDir)
+	}
 	n.agent = run(c.ctx, "agent "+name, func(ctx context.Context) error {
 		return RunAgent(ctx, c.Config, n.sim, n.socket, cfg)
 	})

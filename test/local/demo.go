@@ -37,6 +37,7 @@ type DemoOptions struct {
 	TimeScale                     float64
 	Timeout                       time.Duration
 	KubernetesVersion             string // Options.KubernetesVersion
+	DevicePlugin                  string // Options.DevicePlugin
 }
 
 // DemoNamespace holds the demo's pods.
@@ -58,7 +59,7 @@ func Demo(ctx context.Context, o DemoOptions, out io.Writer) (bool, error) {
 	if o.TimeScale <= 0 {
 		return false, fmt.Errorf("--time-scale must be positive, got %g", o.TimeScale)
 	}
-	c, stop, err := startLogged(ctx, Options{Dir: o.Dir, Progress: out, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay, KubernetesVersion: o.KubernetesVersion})
+	c, stop, err := startLogged(ctx, Options{Dir: o.Dir, Progress: out, DevicePluginDelay: o.DevicePluginDelay, SliceDelay: o.SliceDelay, KubernetesVersion: o.KubernetesVersion, DevicePlugin: o.DevicePlugin})
 	if err != nil {
 		return false, err
 	}

@@ -1,0 +1,116 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/klog/v2"
+
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
+	"github.com/dynamig/dynamig/pkg/mig"
+)
+
+// Plugin is the agent's own device plugin (deviceplugin.Plugin), on nodes
+// in agent mode: the agent advertises the slices through it, at once after
+// a change, instead of restarting NVIDIA's.
+type Plugin interface {
+	Set(devices map[string][]deviceplugin.Device)
+	Run(ctx context.Context) error
+}
+
+// ownDevices is what the agent's plugin advertises: a resource for every
+// profile the node's GPUs offer, with or without slices (so that a new
+// profile never needs a registration), holding the slices with a
+// full-size compute instance by MIG UUID, except those in withdrawn.
+func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]deviceplugin.Device {
+	out := map[string][]deviceplugin.Device{}
+	for _, o := range observed {
+		for _, p := range o.Profiles {
+			if _, ok := out[p.Name.ResourceName()]; !ok {
+				out[p.Name.ResourceName()] = nil
+			}
+		}
+		for _, s := range o.Slices {
+			if s.Advertised() && !withdrawn[s.UUID] {
+				r := s.Profile.ResourceName()
+				out[r] = append(out[r], deviceplugin.Device{ID: s.UUID, CDIName: deviceplugin.CDIName(s.UUID)})
+			}
+		}
+	}
+	return out
+}
+
+// advertiseOwn makes the agent's plugin advertise the observed slices and
+// waits until kubelet can allocate exactly them, by identity, and Node
+// allocatable shows them (the scheduler's NodeResourcesFit reads it).
+// Nothing restarts: other resources are not disturbed, and no pod fails
+// admission meanwhile.
+func (a *Agent) advertiseOwn(ctx context.Context, obs observation) error {
+	a.cfg.Plugin.Set(ownDevices(obs.gpus, nil))
+	if obs.kubeletErr != nil {
+		node, err := a.node()
+		if err == nil && allocatableDiff(node, advertisable(obs.gpus)) == "" {
+			return nil // nothing to confirm
+		}
+		return fmt.Errorf("%w: %w", errKubeletUnknown, obs.kubeletErr)
+	}
+	start := time.Now()
+	missing := ""
+	err := wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
+		allocatable, err := a.kubelet.Allocatable(ctx, mig.ResourcePrefix)
+		if err != nil {
+			missing = err.Error()
+			return false, nil
+		}
+		if missing = identityDiff(allocatable, obs.gpus); missing != "" {
+			return false, nil
+		}
+		node, err := a.node()
+		if err != nil {
+			return false, nil
+		}
+		missing = allocatableDiff(node, advertisable(obs.gpus))
+		return missing == "", nil
+	})
+	if err != nil {
+		return fmt.Errorf("kubelet did not take the agent's device list within %s: %s", a.cfg.DevicePluginTimeout, missing)
+	}
+	klog.FromContext(ctx).V(2).Info("kubelet can allocate the slices", "took", time.Since(start))
+	return nil
+}
+
+// withdraw stops advertising a slice about to be destroyed, with those
+// withdrawn before it, and waits until kubelet can no longer allocate it:
+// from then on kubelet gives it to no pod. A slice without a MIG UUID was
+// never advertised.
+func (a *Agent) withdraw(ctx context.Context, st Step, observed []Observed, withdrawn map[string]bool) error {
+	s, ok := observedSlice(st, observed)
+	if !ok || s.UUID == "" {
+		return nil
+	}
+	withdrawn[s.UUID] = true
+	a.cfg.Plugin.Set(ownDevices(observed, withdrawn))
+	r := s.Profile.ResourceName()
+	return wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
+		allocatable, err := a.kubelet.Allocatable(ctx, mig.ResourcePrefix)
+		return err == nil && !slices.Contains(allocatable[r], s.UUID), nil
+	})
+}
+
+// observedSlice finds the observed slice a step is about.
+func observedSlice(st Step, observed []Observed) (ObservedSlice, bool) {
+	for _, o := range observed {
+		if o.GPU.Index != st.GPU {
+			continue
+		}
+		for _, s := range o.Slices {
+			if s.Slice.Slice == st.Slice {
+				return s, true
+			}
+		}
+	}
+	return ObservedSlice{}, false
+}
