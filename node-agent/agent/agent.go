@@ -64,6 +64,15 @@ type Config struct {
 	// destroying it, and never restarts NVIDIA's plugin
 	// (DevicePluginNamespace and DevicePluginSelector are unused). Run runs it.
 	Plugin Plugin
+	// CDI, in agent mode, keeps a CDI spec for each advertised device
+	// (cdi.Specs): written before the device is advertised, removed once it
+	// is gone.
+	CDI CDISpecs
+}
+
+// CDISpecs keeps the CDI specs of the devices the agent advertises.
+type CDISpecs interface {
+	Sync(ids []string) error
 }
 
 // Agent reconciles one node.
@@ -267,6 +276,8 @@ func (a *Agent) sync(ctx context.Context) error {
 		switch err := a.advertise(ctx, np, node, obs, len(out.steps) > 0); {
 		case errors.As(err, &wait):
 			return a.hold(ctx, np, node, obs, wait.why)
+		case errors.Is(err, errCDI):
+			out.err, out.reason = err, ReasonCDISpecFailed
 		case errors.Is(err, errKubeletUnknown):
 			out.err, out.reason = err, ReasonKubeletUnreachable
 		case err != nil:

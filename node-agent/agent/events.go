@@ -37,4 +37,8 @@ const (
 	// ReasonDevicePluginTimeout: the device plugin did not re-advertise the
 	// slices in time; the agent retries.
 	ReasonDevicePluginTimeout = "DevicePluginTimeout"
+	// ReasonCDISpecFailed: agent mode could not write or remove the CDI
+	// spec of a device (its directory); the devices are not advertised
+	// anew until it can.
+	ReasonCDISpecFailed = "CDISpecFailed"
 )

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -43,13 +44,29 @@ func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]dev
 	return out
 }
 
-// advertiseOwn makes the agent's plugin advertise the observed slices and
+// errCDI: the CDI specs of the devices could not be written.
+var errCDI = errors.New("CDI specs")
+
+// advertiseOwn writes the CDI specs of the observed slices (and removes
+// those of slices gone), makes the agent's plugin advertise the slices and
 // waits until kubelet can allocate exactly them, by identity, and Node
 // allocatable shows them (the scheduler's NodeResourcesFit reads it).
 // Nothing restarts: other resources are not disturbed, and no pod fails
 // admission meanwhile.
 func (a *Agent) advertiseOwn(ctx context.Context, obs observation) error {
-	a.cfg.Plugin.Set(ownDevices(obs.gpus, nil))
+	devices := ownDevices(obs.gpus, nil)
+	if a.cfg.CDI != nil {
+		var ids []string
+		for _, ds := range devices {
+			for _, d := range ds {
+				ids = append(ids, d.ID)
+			}
+		}
+		if err := a.cfg.CDI.Sync(ids); err != nil {
+			return fmt.Errorf("%w: %w", errCDI, err)
+		}
+	}
+	a.cfg.Plugin.Set(devices)
 	if obs.kubeletErr != nil {
 		node, err := a.node()
 		if err == nil && allocatableDiff(node, advertisable(obs.gpus)) == "" {

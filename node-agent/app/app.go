@@ -22,6 +22,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/node-agent/agent"
+	"github.com/dynamig/dynamig/node-agent/cdi"
 	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
@@ -40,6 +41,8 @@ type Options struct {
 	// change) or "agent" (serve the node's GPU resources from
 	// DevicePluginDir).
 	DevicePlugin, DevicePluginDir string
+	// CDISpecDir holds the CDI specs of the devices (agent mode).
+	CDISpecDir string
 	// Logs is the logging configuration of -v/--v, --vmodule and
 	// --logging-format (text or json); the caller applies it with
 	// logsapi.ValidateAndApply before Run.
@@ -55,6 +58,7 @@ func (o *Options) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.PodResourcesSocket, "pod-resources-socket", podresources.DefaultSocket, "kubelet's PodResources API socket")
 	fs.StringVar(&o.DevicePlugin, "device-plugin", "nvidia", "who advertises the node's GPU resources to the kubelet: nvidia (NVIDIA's device plugin, restarted after every change) or agent (this agent; switch NVIDIA's off on the node, README)")
 	fs.StringVar(&o.DevicePluginDir, "device-plugin-dir", deviceplugin.DefaultDir, "the kubelet's device-plugin directory (agent mode)")
+	fs.StringVar(&o.CDISpecDir, "cdi-spec-dir", cdi.DefaultDir, "where the agent writes the CDI spec of each device it advertises (agent mode)")
 	fs.StringVar(&o.DevicePluginNamespace, "device-plugin-namespace", "gpu-operator", "namespace of the NVIDIA device plugin pods")
 	fs.StringVar(&o.DevicePluginSelector, "device-plugin-selector", "app=nvidia-device-plugin-daemonset", "label selector of the NVIDIA device plugin pods")
 	fs.DurationVar(&o.DevicePluginTimeout, "device-plugin-timeout", 2*time.Minute, "how long to wait for the device plugin to re-advertise the slices after a change")
@@ -119,7 +123,11 @@ func Run(ctx context.Context, o Options) error {
 	}
 	defer func() { _ = kubelet.Close() }()
 	if o.DevicePlugin == "agent" {
-		o.Plugin = deviceplugin.New(o.DevicePluginDir)
+		specs, err := cdi.New(o.CDISpecDir)
+		if err != nil {
+			return err
+		}
+		o.Plugin, o.CDI = deviceplugin.New(o.DevicePluginDir), specs
 	}
 	a, err := agent.NewForConfig(cfg, o.Config, lib, kubelet)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/dynamig/dynamig/node-agent/cdi"
 	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/mig"
@@ -27,7 +28,8 @@ import (
 func TestAgentDevicePlugin(t *testing.T) {
 	e := newEnv(t, "deviceplugin")
 	sl := func(p string, start int) mig.Slice { return mig.Slice{Profile: mig.MustParseProfile(p), Start: start} }
-	n, err := cluster.AddKubeletNode(kubeletnode.Options{Name: "dp" + e.suffix, Models: []string{"A100-80GB"}, NoNVIDIAPlugin: true,
+	cdiDir := t.TempDir()
+	n, err := cluster.AddKubeletNode(kubeletnode.Options{Name: "dp" + e.suffix, Models: []string{"A100-80GB"}, NoNVIDIAPlugin: true, CDIDir: cdiDir,
 		Slices: map[int][]mig.Slice{0: {sl("1g.10gb", 0), sl("1g.10gb", 1), sl("3g.40gb", 4)}}})
 	require.NoError(t, err)
 	t.Cleanup(n.Stop)
@@ -38,6 +40,9 @@ func TestAgentDevicePlugin(t *testing.T) {
 		return id
 	}
 	a, b, c := uuid(sl("1g.10gb", 0)), uuid(sl("1g.10gb", 1)), uuid(sl("3g.40gb", 4))
+	specs, err := cdi.New(cdiDir)
+	require.NoError(t, err)
+	require.NoError(t, specs.Sync([]string{a, b, c}), "the runtime resolves the devices' CDI names")
 	const r1, r3 = "nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"
 	dev := func(ids ...string) []deviceplugin.Device {
 		out := make([]deviceplugin.Device, len(ids))
@@ -125,7 +130,23 @@ func TestAgentDevicePlugin(t *testing.T) {
 	e.waitFor(5*time.Second, "advertised again after the restart", func() bool {
 		return assert.ObjectsAreEqual(map[string][]string{r1: {free}, r3: {c}}, allocatable())
 	})
-	e.invariants()
+
+	// A device advertised without its CDI spec does not resolve, and its
+	// container is not created, as with containerd.
+	require.NoError(t, specs.Sync([]string{c}))
+	nospec := local.Pod("nospec", map[string]int64{r1: 1})
+	nospec.Namespace, nospec.Spec.NodeName = e.ns, n.Name
+	_, err = cluster.Kube.CoreV1().Pods(e.ns).Create(ctx, nospec, metav1.CreateOptions{})
+	require.NoError(t, err)
+	e.waitFor(30*time.Second, "the container of nospec refused", func() bool {
+		for _, f := range n.Failures() {
+			if f.Pod == e.ns+"/nospec" && f.Device == free {
+				return assert.Contains(t, f.Message, "unresolvable CDI devices dynamig.io/gpu="+free)
+			}
+		}
+		return false
+	})
+	e.invariants(e.ns + "/nospec")
 }
 
 func sortedIDs(ids ...string) []string {

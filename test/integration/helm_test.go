@@ -39,7 +39,7 @@ func (c *cluster) testHelmChart(t *testing.T) {
 	custom := map[string]any{
 		"scheduler":    map[string]any{"name": "gpu-scheduler", "replicas": 1, "plugin": map[string]any{"maxNodesPerPlan": 40}},
 		"nodeSelector": map[string]any{"pool": "a100"}, // merged with the default label, as Helm merges maps
-		"devicePlugin": map[string]any{"namespace": "nvidia-system", "selector": "app=nvidia-device-plugin"},
+		"devicePlugin": map[string]any{"namespace": "nvidia-system", "selector": "app=nvidia-device-plugin", "mode": "agent"},
 		"agent":        map[string]any{"image": map[string]any{"tag": "dev"}, "admissionPolicy": false},
 	}
 	for name, values := range map[string]map[string]any{"default": nil, "custom": custom} {
@@ -61,6 +61,10 @@ func (c *cluster) testHelmChart(t *testing.T) {
 			if name == "default" {
 				assert.Contains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
 				assert.Contains(t, kinds, "Role/gpu-operator/dynamig-agent-device-plugin")
+				ds := kinds["DaemonSet/dynamig-system/dynamig-agent"]
+				require.NotNil(t, ds)
+				agents, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+				assert.Contains(t, agents[0].(map[string]any)["command"], "--device-plugin=nvidia", "restart mode unless asked")
 				// The scheduler reports an unsupported API server on its pod.
 				sched := kinds["Deployment/dynamig-system/dynamig-scheduler"]
 				require.NotNil(t, sched)
@@ -94,6 +98,13 @@ func (c *cluster) testHelmChart(t *testing.T) {
 			agent := containers[0].(map[string]any)
 			assert.Equal(t, "dynamig/dynamig-agent:dev", agent["image"])
 			assert.Contains(t, agent["command"], "--device-plugin-namespace=nvidia-system")
+			assert.Contains(t, agent["command"], "--device-plugin=agent")
+			assert.Contains(t, agent["command"], "--cdi-spec-dir=/var/run/cdi")
+			mounts := map[string]any{}
+			for _, m := range agent["volumeMounts"].([]any) {
+				mounts[m.(map[string]any)["name"].(string)] = m.(map[string]any)["mountPath"]
+			}
+			assert.Equal(t, map[string]any{"pod-resources": "/var/lib/kubelet/pod-resources", "device-plugins": "/var/lib/kubelet/device-plugins", "cdi": "/var/run/cdi"}, mounts)
 			assert.Contains(t, kinds, "Role/nvidia-system/dynamig-agent-device-plugin")
 			assert.NotContains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
 		})

@@ -81,6 +81,10 @@ type Options struct {
 	// node's GPU resources are advertised by whoever registers in
 	// PluginDir (agent mode: dynamig's agent).
 	NoNVIDIAPlugin bool
+	// CDIDir is the CDI spec directory the node's runtime reads: a
+	// container given a device of the agent's CDI kind is created only if
+	// a spec there resolves it, as with containerd.
+	CDIDir string
 }
 
 // Node is a running node.

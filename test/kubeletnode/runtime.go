@@ -18,6 +18,8 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 
+	"tags.cncf.io/container-device-interface/pkg/cdi"
+
 	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/test/nodesim"
@@ -51,6 +53,17 @@ const (
 type runtime struct {
 	*fake.RemoteRuntime
 	n *Node
+}
+
+// resolves reports whether a CDI device name resolves to a spec in the
+// node's CDI directory, as a CDI-enabled runtime resolves it (the same
+// library).
+func (n *Node) resolves(name string) bool {
+	if n.opts.CDIDir == "" {
+		return false
+	}
+	cache, err := cdi.NewCache(cdi.WithSpecDirs(n.opts.CDIDir), cdi.WithAutoRefresh(false))
+	return err == nil && cache.GetDevice(name) != nil
 }
 
 // kubeletAllocation asks kubelet which resource each device of a pod was
@@ -118,6 +131,9 @@ func (r *runtime) CreateContainer(ctx context.Context, req *runtimeapi.CreateCon
 	now := time.Now()
 	for _, id := range c.devices {
 		_, s, ok := n.Sim.MIGDevice(id)
+		if ok && kinds[id] == deviceplugin.CDIKind {
+			ok = n.resolves(deviceplugin.CDIName(id))
+		}
 		if !ok {
 			msg := fmt.Sprintf(createErrorFormat, kinds[id], id)
 			n.failures = append(n.failures, nodesim.Failure{Time: now, Kind: nodesim.FailureContainerStart, Pod: c.pod, Container: c.name,

@@ -24,6 +24,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/dynamig/dynamig/manifests"
+	"github.com/dynamig/dynamig/node-agent/cdi"
 	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/client"
@@ -106,10 +107,11 @@ type node struct {
 	sim    *gpu.Simulator
 	socket string // PodResources
 	// pluginDir is the kubelet's device-plugin directory where the agent
-	// serves its own plugin (agent mode); "" where NVIDIA's serves.
-	pluginDir string
-	stop      func()
-	agent     *component
+	// serves its own plugin (agent mode), and cdiDir where it writes the
+	// devices' CDI specs; "" where NVIDIA's plugin serves.
+	pluginDir, cdiDir string
+	stop              func()
+	agent             *component
 }
 
 // component is an in-process goroutine that runs until its context ends.
@@ -240,13 +242,16 @@ func (c *Cluster) StopScheduler() {
 func (c *Cluster) AddNode(o kubeletnode.Options) (*kubeletnode.Node, error) {
 	agentMode := o.NoNVIDIAPlugin || c.opts.DevicePlugin == DevicePluginAgent
 	o.NoNVIDIAPlugin = agentMode
+	if agentMode {
+		o.CDIDir = filepath.Join(c.Dir, "nodes", o.Name, "cdi")
+	}
 	n, err := c.AddKubeletNode(o)
 	if err != nil {
 		return nil, err
 	}
 	nd := &node{Node: n, sim: n.Sim, socket: n.Socket, stop: n.Stop}
 	if agentMode {
-		nd.pluginDir = n.PluginDir()
+		nd.pluginDir, nd.cdiDir = n.PluginDir(), o.CDIDir
 	}
 	return n, c.addNode(o.Name, nd)
 }
@@ -312,7 +317,11 @@ func (c *Cluster) StartAgent(name string) error {
 	}
 	cfg := AgentConfig(name, c.opts.DevicePluginTimeout)
 	if n.pluginDir != "" {
-		cfg.Plugin = deviceplugin.New(n.pluginDir)
+		specs, err := cdi.New(n.cdiDir)
+		if err != nil {
+			return err
+		}
+		cfg.Plugin, cfg.CDI = deviceplugin.New(n.pluginDir), specs
 	}
 	n.agent = run(c.ctx, "agent "+name, func(ctx context.Context) error {
 		return RunAgent(ctx, c.Config, n.sim, n.socket, cfg)
