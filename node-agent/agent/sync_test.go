@@ -418,16 +418,22 @@ func TestAsksQuietlyDuringAdmission(t *testing.T) {
 	assert.Equal(t, [][]string{nil, {"team/bound", "team/running"}}, asked)
 }
 
-// Just before a destroy the agent asks kubelet again: a slice that was
-// free when observed but that kubelet has since given to a pod is not
-// destroyed, and its GPU is left alone.
-func TestApplyRechecksBeforeDestroy(t *testing.T) {
-	sim, err := gpu.NewSimulator("recheck", "A100-80GB")
+// oneSlice is a simulated A100-80GB with 1g.10gb@0.
+func oneSlice(t *testing.T) (*gpu.Simulator, *gpu.NVML, gpu.Slice) {
+	sim, err := gpu.NewSimulator(t.Name(), "A100-80GB")
 	require.NoError(t, err)
 	lib, err := gpu.Open(sim.Interface())
 	require.NoError(t, err)
 	s, err := lib.Create(0, mig.MustParseProfile("1g.10gb"), 0)
 	require.NoError(t, err)
+	return sim, lib, s
+}
+
+// Just before a destroy the agent asks kubelet again: a slice that was
+// free when observed but that kubelet has since given to a pod is not
+// destroyed, and its GPU is left alone.
+func TestApplyRechecksBeforeDestroy(t *testing.T) {
+	sim, lib, s := oneSlice(t)
 	observed := []Observed{{GPU: gpu.GPU{Index: 0}, Slices: []ObservedSlice{{Slice: s}}}}
 	a := &Agent{lib: lib, kubelet: fakeKubelet{devices: podresources.Devices{Used: map[string]string{s.UUID: "team/just-admitted"}}}, podLister: podLister(t)}
 	_, ctx := ktesting.NewTestContext(t)
@@ -476,12 +482,7 @@ func (k kubeletFollows) Allocatable(context.Context, string) (map[string][]strin
 // changes.
 func TestWithdrawBeforeDestroy(t *testing.T) {
 	for _, stuck := range []bool{false, true} {
-		sim, err := gpu.NewSimulator("withdraw", "A100-80GB")
-		require.NoError(t, err)
-		lib, err := gpu.Open(sim.Interface())
-		require.NoError(t, err)
-		s, err := lib.Create(0, mig.MustParseProfile("1g.10gb"), 0)
-		require.NoError(t, err)
+		sim, lib, s := oneSlice(t)
 		observed := []Observed{{GPU: gpu.GPU{Index: 0}, Profiles: []mig.Profile{{Name: mig.MustParseProfile("1g.10gb")}}, Slices: []ObservedSlice{{Slice: s}}}}
 		p := &fakePlugin{stuck: stuck}
 		p.Set(ownDevices(observed, nil))

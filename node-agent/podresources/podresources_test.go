@@ -11,14 +11,24 @@ import (
 	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 )
 
-// The client reads real gRPC from the server on a unix socket: used and
-// allocatable MIG devices, replica suffixes stripped, other resources
-// ignored.
-func TestClientServer(t *testing.T) {
+// serve starts a server on a unix socket and a client of it, both closed
+// when the test ends.
+func serve(t *testing.T) (*Server, *Client) {
 	socket := filepath.Join(t.TempDir(), "kubelet.sock")
 	srv := NewServer()
 	require.NoError(t, srv.Serve(socket))
 	t.Cleanup(srv.Stop)
+	c, err := Dial(socket, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	return srv, c
+}
+
+// The client reads real gRPC from the server on a unix socket: used and
+// allocatable MIG devices, replica suffixes stripped, other resources
+// ignored.
+func TestClientServer(t *testing.T) {
+	srv, c := serve(t)
 	srv.SetAllocatable("nvidia.com/mig-1g.10gb", []string{"MIG-a", "MIG-b"})
 	srv.SetAllocatable("nvidia.com/mig-3g.40gb", []string{"MIG-c"})
 	srv.SetAllocatable("example.com/fpga", []string{"fpga0"})
@@ -26,9 +36,6 @@ func TestClientServer(t *testing.T) {
 	srv.Allocate("team/infer-0", "main", "example.com/fpga", "fpga0")
 	srv.Allocate("team/train", "main", "nvidia.com/mig-3g.40gb", "MIG-c")
 
-	c, err := Dial(socket, 5*time.Second)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
 	d, err := c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.NoError(t, err)
 	assert.Equal(t, map[string]string{"MIG-a": "team/infer-0", "MIG-c": "team/train"}, d.Used)
@@ -45,17 +52,11 @@ func TestClientServer(t *testing.T) {
 // pod kubelet does not know is left out. A kubelet with Get switched off
 // is asked with List.
 func TestDevicesOfPods(t *testing.T) {
-	socket := filepath.Join(t.TempDir(), "kubelet.sock")
-	srv := NewServer()
-	require.NoError(t, srv.Serve(socket))
-	t.Cleanup(srv.Stop)
+	srv, c := serve(t)
 	srv.SetAllocatable("nvidia.com/mig-1g.10gb", []string{"MIG-a", "MIG-b"})
 	srv.Allocate("team/infer-0", "main", "nvidia.com/mig-1g.10gb", "MIG-a")
 	srv.Allocate("team/infer-1", "main", "nvidia.com/mig-1g.10gb", "MIG-b")
 	srv.AddPod("team/admitting", "main")
-	c, err := Dial(socket, 5*time.Second)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
 
 	d, err := c.Devices(context.Background(), "nvidia.com/mig-", []string{"team/infer-0", "team/admitting", "team/unknown"})
 	require.NoError(t, err)
@@ -74,18 +75,12 @@ func TestDevicesOfPods(t *testing.T) {
 // kubelet holds healthy, allocated or not, from its one-entry-per-device
 // wire form; a resource whose plugin is down (nothing healthy) is absent.
 func TestAllocatable(t *testing.T) {
-	socket := filepath.Join(t.TempDir(), "kubelet.sock")
-	srv := NewServer()
-	require.NoError(t, srv.Serve(socket))
-	t.Cleanup(srv.Stop)
+	srv, c := serve(t)
 	srv.SetAllocatable("nvidia.com/mig-1g.10gb", []string{"MIG-b", "MIG-a", "MIG-a::1"})
 	srv.SetAllocatable("nvidia.com/mig-3g.40gb", []string{"MIG-c"})
 	srv.SetAllocatable("example.com/fpga", []string{"fpga0"})
 	srv.Allocate("team/train", "main", "nvidia.com/mig-3g.40gb", "MIG-c")
 
-	c, err := Dial(socket, 5*time.Second)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
 	got, err := c.Allocatable(context.Background(), "nvidia.com/mig-")
 	require.NoError(t, err)
 	assert.Equal(t, map[string][]string{
@@ -111,24 +106,18 @@ func TestAllocatable(t *testing.T) {
 	srv.Stop()
 	_, err = c.Allocatable(context.Background(), "nvidia.com/mig-")
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "listing allocatable resources from kubelet at "+socket)
+	assert.Contains(t, err.Error(), "listing allocatable resources from kubelet at "+c.socket)
 }
 
 // List shows every active pod the owner added, with its listed containers,
 // devices or not, one entry per device; Get finds one; a released pod is
 // gone.
 func TestServerListsPods(t *testing.T) {
-	socket := filepath.Join(t.TempDir(), "kubelet.sock")
-	srv := NewServer()
-	require.NoError(t, srv.Serve(socket))
-	t.Cleanup(srv.Stop)
+	srv, c := serve(t)
 	srv.AddPod("team/cpu-only", "main")
 	srv.AddPod("team/two", "main", "sidecar")
 	srv.Allocate("team/two", "main", "nvidia.com/mig-1g.10gb", "MIG-a", "MIG-b")
 
-	c, err := Dial(socket, 5*time.Second)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
 	api := v1.NewPodResourcesListerClient(c.conn)
 	list, err := api.List(context.Background(), &v1.ListPodResourcesRequest{})
 	require.NoError(t, err)
