@@ -278,6 +278,8 @@ func (a *Agent) sync(ctx context.Context) error {
 			return a.hold(ctx, np, node, obs, wait.why)
 		case errors.Is(err, errCDI):
 			out.err, out.reason = err, ReasonCDISpecFailed
+		case errors.Is(err, errTwoPlugins):
+			out.err, out.reason = err, ReasonDevicePluginConflict
 		case errors.Is(err, errKubeletUnknown):
 			out.err, out.reason = err, ReasonKubeletUnreachable
 		case err != nil:

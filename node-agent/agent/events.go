@@ -41,4 +41,7 @@ const (
 	// spec of a device (its directory); the devices are not advertised
 	// anew until it can.
 	ReasonCDISpecFailed = "CDISpecFailed"
+	// ReasonDevicePluginConflict: NVIDIA's device plugin runs on a node in
+	// agent mode; the agent advertises nothing until it is gone.
+	ReasonDevicePluginConflict = "DevicePluginConflict"
 )

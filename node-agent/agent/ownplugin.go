@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
 
@@ -47,6 +50,27 @@ func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]dev
 // errCDI: the CDI specs of the devices could not be written.
 var errCDI = errors.New("CDI specs")
 
+// errTwoPlugins: NVIDIA's device plugin runs on a node in agent mode.
+var errTwoPlugins = errors.New("two device plugins")
+
+// nvidiaPlugins names NVIDIA's device-plugin pods on this node that are
+// not going (DevicePluginNamespace, DevicePluginSelector).
+func (a *Agent) nvidiaPlugins(ctx context.Context) ([]string, error) {
+	pods, err := a.kube.CoreV1().Pods(a.cfg.DevicePluginNamespace).List(ctx, metav1.ListOptions{
+		LabelSelector: a.cfg.DevicePluginSelector, FieldSelector: "spec.nodeName=" + a.cfg.NodeName,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("looking for NVIDIA's device plugin (%s, %s) on the node: %w", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, err)
+	}
+	var out []string
+	for _, p := range pods.Items {
+		if p.DeletionTimestamp == nil && p.Status.Phase != v1.PodSucceeded && p.Status.Phase != v1.PodFailed {
+			out = append(out, p.Namespace+"/"+p.Name)
+		}
+	}
+	return out, nil
+}
+
 // advertiseOwn writes the CDI specs of the observed slices (and removes
 // those of slices gone), makes the agent's plugin advertise the slices and
 // waits until kubelet can allocate exactly them, by identity, and Node
@@ -54,6 +78,12 @@ var errCDI = errors.New("CDI specs")
 // Nothing restarts: other resources are not disturbed, and no pod fails
 // admission meanwhile.
 func (a *Agent) advertiseOwn(ctx context.Context, obs observation) error {
+	if pods, err := a.nvidiaPlugins(ctx); err != nil {
+		return err
+	} else if len(pods) > 0 {
+		return fmt.Errorf("%w: NVIDIA's device plugin runs on this node (%s) while the agent is its device plugin: both would serve the same resource names, and kubelet takes the last to register; label the node nvidia.com/gpu.deploy.device-plugin=false (GPU Operator) or remove that plugin; the agent advertises nothing until then",
+			errTwoPlugins, strings.Join(pods, ", "))
+	}
 	devices := ownDevices(obs.gpus, nil)
 	if a.cfg.CDI != nil {
 		var ids []string

@@ -14,6 +14,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -503,4 +504,22 @@ func TestWithdrawBeforeDestroy(t *testing.T) {
 		assert.Len(t, out.steps, 2)
 		assert.Equal(t, []mig.Slice{sl("3g.40gb", 4)}, sim.Layout(0))
 	}
+}
+
+// Bad input: a node in agent mode where NVIDIA's device plugin still runs.
+// Both would serve the same resource names; the agent advertises nothing
+// and says why (DevicePluginConflict). A finished plugin pod does not count.
+func TestNVIDIAPluginOnAnAgentModeNode(t *testing.T) {
+	pod := func(name string, phase v1.PodPhase) *v1.Pod {
+		return &v1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "gpu-operator", Name: name, Labels: map[string]string{"app": "nvidia-device-plugin-daemonset"}},
+			Spec: v1.PodSpec{NodeName: "node-a"}, Status: v1.PodStatus{Phase: phase}}
+	}
+	p := &fakePlugin{}
+	a := &Agent{kube: fake.NewClientset(pod("old", v1.PodSucceeded), pod("nvidia-device-plugin-x", v1.PodRunning)),
+		cfg: Config{NodeName: "node-a", DevicePluginNamespace: "gpu-operator", DevicePluginSelector: "app=nvidia-device-plugin-daemonset", Plugin: p}}
+	_, ctx := ktesting.NewTestContext(t)
+	err := a.advertiseOwn(ctx, observation{})
+	require.ErrorIs(t, err, errTwoPlugins)
+	assert.Contains(t, err.Error(), "NVIDIA's device plugin runs on this node (gpu-operator/nvidia-device-plugin-x) while the agent is its device plugin")
+	assert.Empty(t, p.sets, "nothing advertised")
 }
