@@ -28,10 +28,15 @@ type Plugin interface {
 // ownDevices is what the agent's plugin advertises: a resource for every
 // profile the node's GPUs offer, with or without slices (so that a new
 // profile never needs a registration), holding the slices with a
-// full-size compute instance by MIG UUID, except those in withdrawn.
+// full-size compute instance by MIG UUID, except those in withdrawn; and
+// nvidia.com/gpu for each GPU with MIG off (and no change to it pending),
+// by GPU UUID.
 func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]deviceplugin.Device {
 	out := map[string][]deviceplugin.Device{}
 	for _, o := range observed {
+		if !o.GPU.MIG.Current && !o.GPU.MIG.Pending && o.GPU.UUID != "" {
+			out[wholeGPU] = append(out[wholeGPU], deviceplugin.Device{ID: o.GPU.UUID, CDIName: deviceplugin.CDIName(o.GPU.UUID)})
+		}
 		for _, p := range o.Profiles {
 			if _, ok := out[p.Name.ResourceName()]; !ok {
 				out[p.Name.ResourceName()] = nil
@@ -46,6 +51,9 @@ func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]dev
 	}
 	return out
 }
+
+// wholeGPU is the resource of a GPU with MIG off.
+const wholeGPU = "nvidia.com/gpu"
 
 // errCDI: the CDI specs of the devices could not be written.
 var errCDI = errors.New("CDI specs")

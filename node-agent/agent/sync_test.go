@@ -523,3 +523,21 @@ func TestNVIDIAPluginOnAnAgentModeNode(t *testing.T) {
 	assert.Contains(t, err.Error(), "NVIDIA's device plugin runs on this node (gpu-operator/nvidia-device-plugin-x) while the agent is its device plugin")
 	assert.Empty(t, p.sets, "nothing advertised")
 }
+
+// The agent's plugin advertises every offered profile (empty ones too),
+// the slices with a full-size compute instance, and whole GPUs with MIG
+// off and no change pending.
+func TestOwnDevices(t *testing.T) {
+	noCI := have("1g.10gb", 0, "")
+	noCI.CI = -1
+	o := a100(t, 0, have("3g.40gb", 4, ""), noCI)
+	off := Observed{GPU: gpu.GPU{Index: 1, UUID: "GPU-off"}}
+	pending := Observed{GPU: gpu.GPU{Index: 2, UUID: "GPU-pending", MIG: gpu.MIGMode{Pending: true}}}
+	got := ownDevices([]Observed{o, off, pending}, map[string]bool{})
+	assert.Equal(t, []deviceplugin.Device{{ID: "MIG-3g.40gb", CDIName: "dynamig.io/gpu=MIG-3g.40gb"}}, got["nvidia.com/mig-3g.40gb"])
+	assert.Contains(t, got, "nvidia.com/mig-1g.10gb", "registered without devices: its slice has no compute instance")
+	assert.Empty(t, got["nvidia.com/mig-1g.10gb"])
+	assert.Contains(t, got, "nvidia.com/mig-7g.80gb", "every offered profile")
+	assert.Equal(t, []deviceplugin.Device{{ID: "GPU-off", CDIName: "dynamig.io/gpu=GPU-off"}}, got["nvidia.com/gpu"])
+	assert.Empty(t, ownDevices([]Observed{o}, map[string]bool{"MIG-3g.40gb": true})["nvidia.com/mig-3g.40gb"], "withdrawn")
+}
