@@ -175,10 +175,26 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("node %s: informers did not sync: %w", a.cfg.NodeName, ctx.Err())
 	}
 	if a.cfg.Plugin != nil {
+		// The plugin outlives the loop: when the agent stops, it first tells
+		// the scheduler (DevicePluginRestarting), then stops the plugin.
+		pctx, stopPlugin := context.WithCancel(context.WithoutCancel(ctx))
+		stopped := make(chan struct{})
 		go func() {
-			if err := a.cfg.Plugin.Run(ctx); err != nil {
+			defer close(stopped)
+			if err := a.cfg.Plugin.Run(pctx); err != nil {
 				logger.Error(err, "the agent's device plugin stopped")
 			}
+		}()
+		defer func() {
+			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			if np, err := a.npLister.Get(a.cfg.NodeName); err == nil {
+				if err := a.markRestarting(mctx, np); err != nil {
+					logger.Error(err, "could not tell the scheduler that the node's device plugin stops")
+				}
+			}
+			stopPlugin()
+			<-stopped
 		}()
 		logger.Info("agent started; it is the node's device plugin")
 	} else {

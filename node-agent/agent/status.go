@@ -54,12 +54,16 @@ func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out out
 }
 
 // markRestarting writes DevicePluginRestarting=True before the agent
-// restarts the device plugin; the sync's report sets it False again.
+// restarts the device plugin, or stops with its own (agent mode); the
+// sync's report (the next agent's, after a stop) sets it False again.
 func (a *Agent) markRestarting(ctx context.Context, np *v1alpha1.NodePartition) error {
+	msg := fmt.Sprintf("restarting the device plugin (%s, %s) so that it advertises the node's slices; no MIG pod is bound to the node meanwhile", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector)
+	if a.cfg.Plugin != nil {
+		msg = "the agent, this node's device plugin, is stopping: kubelet has no GPU device plugin until it is back; no MIG pod is bound to the node meanwhile"
+	}
 	st := np.Status.DeepCopy()
 	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionTrue,
-		Reason: ReasonRestarting, ObservedGeneration: np.Generation, LastTransitionTime: metav1.Now(),
-		Message: fmt.Sprintf("restarting the device plugin (%s, %s) so that it advertises the node's slices; no MIG pod is bound to the node meanwhile", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector)})
+		Reason: ReasonRestarting, ObservedGeneration: np.Generation, LastTransitionTime: metav1.Now(), Message: msg})
 	return a.writeStatus(ctx, np, *st)
 }
 

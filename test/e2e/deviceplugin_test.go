@@ -9,11 +9,13 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/dynamig/dynamig/node-agent/cdi"
 	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/podresources"
+	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/test/kubeletnode"
 	"github.com/dynamig/dynamig/test/local"
@@ -153,4 +155,34 @@ func sortedIDs(ids ...string) []string {
 	out := slices.Clone(ids)
 	slices.Sort(out)
 	return out
+}
+
+// In agent mode the node's device plugin stops with the agent: the agent
+// says so first (DevicePluginRestarting, which keeps the scheduler from
+// binding MIG pods there), and the next agent clears it once kubelet has
+// its devices again.
+func TestAgentStopIsAnnounced(t *testing.T) {
+	e := newEnv(t, "agentstop")
+	e.agent, e.suffix = true, e.suffix+"-agent"
+	n := e.node("stop", "A100-80GB")
+	restarting := func() (metav1.ConditionStatus, string) {
+		np, err := cluster.Partition(context.Background(), n.Name)
+		if err != nil {
+			return "", ""
+		}
+		c := meta.FindStatusCondition(np.Status.Conditions, v1alpha1.ConditionRestarting)
+		if c == nil {
+			return "", ""
+		}
+		return c.Status, c.Message
+	}
+	cluster.StopAgent(n.Name)
+	status, msg := restarting()
+	assert.Equal(t, metav1.ConditionTrue, status)
+	assert.Contains(t, msg, "the agent, this node's device plugin, is stopping")
+	require.NoError(t, cluster.StartAgent(n.Name))
+	e.waitFor(30*time.Second, "DevicePluginRestarting cleared by the next agent", func() bool {
+		status, _ := restarting()
+		return status == metav1.ConditionFalse
+	})
 }
