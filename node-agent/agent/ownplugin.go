@@ -5,11 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sort"
 	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
 
@@ -62,20 +63,24 @@ var errCDI = errors.New("CDI specs")
 var errTwoPlugins = errors.New("two device plugins")
 
 // nvidiaPlugins names NVIDIA's device-plugin pods on this node that are
-// not going (DevicePluginNamespace, DevicePluginSelector).
-func (a *Agent) nvidiaPlugins(ctx context.Context) ([]string, error) {
-	pods, err := a.kube.CoreV1().Pods(a.cfg.DevicePluginNamespace).List(ctx, metav1.ListOptions{
-		LabelSelector: a.cfg.DevicePluginSelector, FieldSelector: "spec.nodeName=" + a.cfg.NodeName,
-	})
+// not going (DevicePluginNamespace, DevicePluginSelector), from the
+// agent's cache of the node's pods: no API request per sync.
+func (a *Agent) nvidiaPlugins() ([]string, error) {
+	sel, err := labels.Parse(a.cfg.DevicePluginSelector)
 	if err != nil {
-		return nil, fmt.Errorf("looking for NVIDIA's device plugin (%s, %s) on the node: %w", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, err)
+		return nil, fmt.Errorf("device-plugin selector %q: %w", a.cfg.DevicePluginSelector, err)
+	}
+	pods, err := a.podLister.Pods(a.cfg.DevicePluginNamespace).List(sel)
+	if err != nil {
+		return nil, err
 	}
 	var out []string
-	for _, p := range pods.Items {
+	for _, p := range pods {
 		if p.DeletionTimestamp == nil && p.Status.Phase != v1.PodSucceeded && p.Status.Phase != v1.PodFailed {
 			out = append(out, p.Namespace+"/"+p.Name)
 		}
 	}
+	sort.Strings(out)
 	return out, nil
 }
 
@@ -86,7 +91,7 @@ func (a *Agent) nvidiaPlugins(ctx context.Context) ([]string, error) {
 // Nothing restarts: other resources are not disturbed, and no pod fails
 // admission meanwhile.
 func (a *Agent) advertiseOwn(ctx context.Context, obs observation) error {
-	if pods, err := a.nvidiaPlugins(ctx); err != nil {
+	if pods, err := a.nvidiaPlugins(); err != nil {
 		return err
 	} else if len(pods) > 0 {
 		return fmt.Errorf("%w: NVIDIA's device plugin runs on this node (%s) while the agent is its device plugin: both would serve the same resource names, and kubelet takes the last to register; label the node nvidia.com/gpu.deploy.device-plugin=false (GPU Operator) or remove that plugin; the agent advertises nothing until then",

@@ -14,7 +14,6 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/fake"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -515,7 +514,7 @@ func TestNVIDIAPluginOnAnAgentModeNode(t *testing.T) {
 			Spec: v1.PodSpec{NodeName: "node-a"}, Status: v1.PodStatus{Phase: phase}}
 	}
 	p := &fakePlugin{}
-	a := &Agent{kube: fake.NewClientset(pod("old", v1.PodSucceeded), pod("nvidia-device-plugin-x", v1.PodRunning)),
+	a := &Agent{podLister: podLister(t, pod("old", v1.PodSucceeded), pod("nvidia-device-plugin-x", v1.PodRunning)),
 		cfg: Config{NodeName: "node-a", DevicePluginNamespace: "gpu-operator", DevicePluginSelector: "app=nvidia-device-plugin-daemonset", Plugin: p}}
 	_, ctx := ktesting.NewTestContext(t)
 	err := a.advertiseOwn(ctx, observation{})
