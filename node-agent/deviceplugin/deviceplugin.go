@@ -91,18 +91,6 @@ func (p *Plugin) Set(devs map[string][]Device) {
 	}
 }
 
-// Devices returns the devices advertised for a resource.
-func (p *Plugin) Devices(resource string) []Device {
-	p.mu.Lock()
-	e := p.endpoints[resource]
-	p.mu.Unlock()
-	if e == nil {
-		return nil
-	}
-	devs, _ := e.snapshot()
-	return devs
-}
-
 // Run serves every resource and registers it with the kubelet until ctx
 // ends: a new resource as soon as Set names it, all of them again when
 // kubelet.sock is made anew. A failed registration is retried.

@@ -106,8 +106,8 @@ func (c *Client) podResources(ctx context.Context, pods []string) ([]*v1.PodReso
 			case err == nil:
 				out = append(out, got.GetPodResources())
 			case podUnknown(err):
-			case status.Code(err) == codes.Unknown || status.Code(err) == codes.Unimplemented:
-				return c.list(ctx) // Get switched off, or not served
+			case getOff(err):
+				return c.list(ctx)
 			default:
 				return nil, err
 			}
@@ -120,6 +120,15 @@ func (c *Client) podResources(ctx context.Context, pods []string) ([]*v1.PodReso
 func (c *Client) list(ctx context.Context) ([]*v1.PodResources, error) {
 	list, err := c.api.List(ctx, &v1.ListPodResourcesRequest{})
 	return list.GetPodResources(), err
+}
+
+// getOff reports whether a Get failed because kubelet does not serve it:
+// the feature gate KubeletPodResourcesGet off ("PodResources API Get
+// method disabled", 1.34 and 1.35), or an API without the method. Any
+// other failure is an error, not a reason to List.
+func getOff(err error) bool {
+	s := status.Convert(err)
+	return s.Code() == codes.Unimplemented || s.Code() == codes.Unknown && s.Message() == "PodResources API Get method disabled"
 }
 
 // podUnknown reports whether a Get failed because kubelet does not know the

@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 )
 
@@ -150,4 +152,15 @@ func TestClientWithoutKubelet(t *testing.T) {
 	_, err = c.Devices(context.Background(), "nvidia.com/mig-", nil)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "listing pod resources from kubelet at "+socket)
+}
+
+// Only a Get kubelet does not serve falls back to List (which rebuilds
+// kubelet's allocated set); any other failure is an error.
+func TestGetFailures(t *testing.T) {
+	assert.True(t, getOff(status.Error(codes.Unknown, "PodResources API Get method disabled")))
+	assert.True(t, getOff(status.Error(codes.Unimplemented, "unknown method Get")))
+	assert.False(t, getOff(status.Error(codes.Unknown, "something else broke")))
+	assert.False(t, getOff(status.Error(codes.DeadlineExceeded, "context deadline exceeded")))
+	assert.True(t, podUnknown(status.Error(codes.Unknown, "pod p in namespace team not found")))
+	assert.False(t, podUnknown(status.Error(codes.Unknown, "PodResources API Get method disabled")))
 }

@@ -122,6 +122,18 @@ func TestChartKubeVersion(t *testing.T) {
 	assert.False(t, chartutil.IsCompatibleRange(chart.Metadata.KubeVersion, fmt.Sprintf("v%d.%d.9", oldest.Major(), oldest.Minor()-1)))
 }
 
+// Bad input: a device-plugin mode the agent does not know fails the
+// render with a message that says which values are allowed.
+func TestChartRefusesAnUnknownDevicePluginMode(t *testing.T) {
+	chart, err := loader.Load(chartDir)
+	require.NoError(t, err)
+	vals, err := chartutil.ToRenderValues(chart, map[string]any{"devicePlugin": map[string]any{"mode": "both"}},
+		chartutil.ReleaseOptions{Name: "dynamig", Namespace: "dynamig-system", IsInstall: true}, chartutil.DefaultCapabilities)
+	require.NoError(t, err)
+	_, err = engine.Render(chart, vals)
+	assert.ErrorContains(t, err, `devicePlugin.mode must be nvidia or agent, got "both"`)
+}
+
 // renderChart renders the chart as `helm template dynamig -n dynamig-system` would.
 func (c *cluster) renderChart(t *testing.T, values map[string]any) []*unstructured.Unstructured {
 	chart, err := loader.Load(chartDir)

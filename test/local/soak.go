@@ -274,15 +274,10 @@ func halfApplied(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node) []s
 
 // sameLayout reports whether two layouts hold the same slices.
 func sameLayout(a, b []mig.Slice) bool {
-	key := func(l []mig.Slice) []string {
-		out := make([]string, 0, len(l))
-		for _, s := range l {
-			out = append(out, s.String())
-		}
-		slices.Sort(out)
-		return out
-	}
-	return slices.Equal(key(a), key(b))
+	a, b = slices.Clone(a), slices.Clone(b)
+	mig.SortSlices(a)
+	mig.SortSlices(b)
+	return slices.Equal(a, b)
 }
 
 // inject makes a fault happen now; a lasting one heals by itself.
