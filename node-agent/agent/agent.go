@@ -12,8 +12,10 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -92,8 +94,13 @@ type Agent struct {
 	factories  []interface{ Start(<-chan struct{}) }
 	synced     []cache.InformerSynced
 
-	ready   atomic.Bool
-	lastMsg map[string]string // event key → last reason+message, for events on change only
+	ready atomic.Bool
+	// replaced holds the device-plugin pods the agent deleted so that the
+	// plugin re-scans the layout that exists; nil once the agent changes
+	// the layout again (or before it deleted any). A plugin pod not in it
+	// started after those deletions and is waited for, not deleted.
+	replaced map[types.UID]bool
+	lastMsg  map[string]string // event key → last reason+message, for events on change only
 }
 
 const queueKey = "node"
@@ -145,7 +152,16 @@ func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, client versioned.In
 	}); err != nil {
 		return nil, fmt.Errorf("watching NodePartition %s: %w", cfg.NodeName, err)
 	}
-	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: enqueue}); err != nil {
+	if _, err := nodeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: enqueue,
+		UpdateFunc: func(oldObj, newObj any) {
+			// kubelet wrote what the device plugin advertises: a wait for
+			// it that timed out is retried now, not after its backoff.
+			if !apiequality.Semantic.DeepEqual(oldObj.(*v1.Node).Status.Allocatable, newObj.(*v1.Node).Status.Allocatable) {
+				a.queue.Add(queueKey)
+			}
+		},
+	}); err != nil {
 		return nil, fmt.Errorf("watching Node %s: %w", cfg.NodeName, err)
 	}
 	podFactory := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
@@ -280,6 +296,9 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus)
 	out.conflicts, out.refused = append(d.conflicts, out.conflicts...), d.refused
+	if len(out.steps) > 0 {
+		a.replaced = nil // plugin pods started until now scanned an older layout
+	}
 	if len(out.steps) > 0 || out.err != nil {
 		// Status must say exactly what exists, whatever happened.
 		if obs, err = a.observe(ctx); err != nil {

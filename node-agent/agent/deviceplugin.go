@@ -150,22 +150,32 @@ func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
 	if err != nil {
 		return fmt.Errorf("listing device-plugin pods (%s, %s): %w", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, err)
 	}
-	old := map[types.UID]bool{}
+	if a.replaced == nil {
+		a.replaced = map[types.UID]bool{}
+	}
 	for _, p := range pods.Items {
-		old[p.UID] = true
+		if len(a.replaced) > 0 && !a.replaced[p.UID] {
+			// Started after the agent deleted its predecessor, so after the
+			// layout changed: it scans the slices that exist. Deleting it
+			// again would restart a plugin that is still coming up, for
+			// good if it takes longer than DevicePluginTimeout.
+			logger.V(2).Info("waiting for the device-plugin pod started after the change", "pod", klog.KObj(&p))
+			continue
+		}
+		a.replaced[p.UID] = true
 		if err := a.kube.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 			return fmt.Errorf("restarting device-plugin pod %s/%s: %w", p.Namespace, p.Name, err)
 		}
 		logger.V(2).Info("deleted the device-plugin pod so that it re-advertises", "pod", klog.KObj(&p))
 	}
-	if len(old) == 0 {
+	if len(a.replaced) == 0 {
 		logger.Info("no device-plugin pod on this node; waiting for Node allocatable only", "namespace", a.cfg.DevicePluginNamespace, "selector", a.cfg.DevicePluginSelector)
 	}
 	want := advertisable(observed)
 	missing := ""
 	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
-		if len(old) > 0 {
-			ready, err := a.replacementReady(ctx, old)
+		if len(a.replaced) > 0 {
+			ready, err := a.replacementReady(ctx, a.replaced)
 			if err != nil || !ready {
 				missing = "no new device-plugin pod is Ready"
 				return false, nil

@@ -39,13 +39,19 @@ func socketDir(t *testing.T) string {
 // simNode starts a simulated node: kubelet and device-plugin stand-in on
 // simulated GPUs of the models.
 func (c *cluster) simNode(t *testing.T, name string, restartDelay time.Duration, models ...string) *nodesim.Node {
+	return c.simNodeWith(t, nodesim.Options{Name: name, Models: models, RestartDelay: restartDelay})
+}
+
+// simNodeWith is simNode with more of the simulation's options.
+func (c *cluster) simNodeWith(t *testing.T, o nodesim.Options) *nodesim.Node {
 	ctx, cancel := context.WithCancel(context.Background())
-	n, err := nodesim.Start(ctx, c.cs, nodesim.Options{Name: name, Models: models, SocketDir: socketDir(t), RestartDelay: restartDelay})
+	o.SocketDir = socketDir(t)
+	n, err := nodesim.Start(ctx, c.cs, o)
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		cancel()
-		_ = c.cs.CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{})
-		_ = c.parts.Delete(context.Background(), name, metav1.DeleteOptions{})
+		_ = c.cs.CoreV1().Nodes().Delete(context.Background(), o.Name, metav1.DeleteOptions{})
+		_ = c.parts.Delete(context.Background(), o.Name, metav1.DeleteOptions{})
 	})
 	return n
 }
@@ -442,6 +448,17 @@ func TestNodeAgent(t *testing.T) {
 		n.PauseDevicePlugin(false)
 		c.waitApplied(t, "plugin", "p-1")
 		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, allocatable(t, c, "plugin"))
+	})
+
+	t.Run("a device plugin slower than the timeout is waited for, not restarted again", func(t *testing.T) {
+		n := c.simNodeWith(t, nodesim.Options{Name: "slowplugin", Models: []string{"A30"}, RegisterDelay: 2 * time.Second, StatusUpdatePeriod: -1})
+		c.startRealAgent(t, n, time.Second)
+		c.waitReported(t, "slowplugin")
+		before := n.Restarts()
+		c.publish(t, "slowplugin", "p-1", map[int32][]string{0: {"2g.12gb@0", "1g.6gb@2", "1g.6gb@3"}})
+		c.waitApplied(t, "slowplugin", "p-1")
+		assert.Equal(t, 1, n.Restarts()-before, "the agent restarts the plugin once per change, however long it takes to come up")
+		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, allocatable(t, c, "slowplugin"))
 	})
 
 	t.Run("the seed end to end: scheduler, agent, device plugin, kubelet", func(t *testing.T) {
