@@ -308,7 +308,7 @@ func (a *Agent) sync(ctx context.Context) error {
 	recordSlices(obs.gpus)
 	if out.err == nil {
 		var wait errWait
-		switch err := a.advertise(ctx, np, node, obs, len(out.steps) > 0); {
+		switch err := a.advertise(ctx, np, node, &obs, len(out.steps) > 0); {
 		case errors.As(err, &wait):
 			return a.hold(ctx, np, node, obs, wait.why)
 		case errors.Is(err, errCDI):

@@ -107,7 +107,7 @@ var errKubeletUnknown = errors.New("cannot confirm what kubelet can allocate")
 // admitted, checking again after the mark for one bound just before it.
 // Other errors: kubelet unknown (errKubeletUnknown), or the plugin did not
 // re-advertise within DevicePluginTimeout.
-func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, changed bool) error {
+func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs *observation, changed bool) error {
 	if a.cfg.Plugin != nil {
 		return a.advertiseOwn(ctx, obs)
 	}
@@ -131,7 +131,7 @@ func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node 
 			return errWait{why: notAdmitted(pods) + " before restarting the device plugin"}
 		}
 	}
-	return a.readvertise(ctx, obs.gpus)
+	return a.readvertise(ctx, obs)
 }
 
 // readvertise makes the NVIDIA device plugin, which scans MIG devices only
@@ -141,7 +141,7 @@ func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node 
 // exactly their MIG UUIDs (identity, not counts: an unchanged count matches
 // before the new plugin registers). Waiting on observed state, not a
 // sleep, bounded by DevicePluginTimeout.
-func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
+func (a *Agent) readvertise(ctx context.Context, obs *observation) error {
 	logger := klog.FromContext(ctx)
 	start := time.Now()
 	pods, err := a.kube.CoreV1().Pods(a.cfg.DevicePluginNamespace).List(ctx, metav1.ListOptions{
@@ -171,8 +171,9 @@ func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
 	if len(a.replaced) == 0 {
 		logger.Info("no device-plugin pod on this node; waiting for Node allocatable only", "namespace", a.cfg.DevicePluginNamespace, "selector", a.cfg.DevicePluginSelector)
 	}
-	want := advertisable(observed)
+	want := advertisable(obs.gpus)
 	missing := ""
+	var confirmed map[string][]string
 	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
 		if len(a.replaced) > 0 {
 			ready, err := a.replacementReady(ctx, a.replaced)
@@ -193,12 +194,13 @@ func (a *Agent) readvertise(ctx context.Context, observed []Observed) error {
 			missing = err.Error()
 			return false, nil
 		}
-		missing = identityDiff(allocatable, observed)
+		missing, confirmed = identityDiff(allocatable, obs.gpus), allocatable
 		return missing == "", nil
 	})
 	if err != nil {
 		return fmt.Errorf("the device plugin (%s, %s) did not re-advertise the slices within %s: %s", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, a.cfg.DevicePluginTimeout, missing)
 	}
+	obs.allocatable = confirmed
 	devicePluginRestart.Observe(time.Since(start).Seconds())
 	logger.V(2).Info("device plugin re-advertised the slices", "took", time.Since(start))
 	return nil

@@ -86,14 +86,16 @@ func (a *Agent) nvidiaPlugins() ([]string, error) {
 
 // advertiseOwn writes the CDI specs of the observed slices (and removes
 // those of slices gone), makes the agent's plugin advertise the slices and
-// waits until kubelet can allocate exactly them, by identity, and Node
-// allocatable shows them (the scheduler's NodeResourcesFit reads it).
-// Nothing restarts: other resources are not disturbed, and no pod fails
-// admission meanwhile.
-func (a *Agent) advertiseOwn(ctx context.Context, obs observation) error {
+// waits until kubelet can allocate exactly them, by identity; obs then
+// holds what kubelet can allocate, which the status reports per slice
+// (advertised) and the scheduler counts, without waiting for the
+// kubelet's next node-status update. Nothing restarts: other resources
+// are not disturbed, and no pod fails admission meanwhile.
+func (a *Agent) advertiseOwn(ctx context.Context, obs *observation) error {
 	if pods, err := a.nvidiaPlugins(); err != nil {
 		return err
 	} else if len(pods) > 0 {
+		obs.allocatable = nil // the devices kubelet lists are not the agent's to vouch for
 		return fmt.Errorf("%w: NVIDIA's device plugin runs on this node (%s) while the agent is its device plugin: both would serve the same resource names, and kubelet takes the last to register; label the node nvidia.com/gpu.deploy.device-plugin=false (GPU Operator) or remove that plugin; the agent advertises nothing until then",
 			errTwoPlugins, strings.Join(pods, ", "))
 	}
@@ -119,25 +121,20 @@ func (a *Agent) advertiseOwn(ctx context.Context, obs observation) error {
 	}
 	start := time.Now()
 	missing := ""
+	var confirmed map[string][]string
 	err := wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
 		allocatable, err := a.kubelet.Allocatable(ctx, mig.ResourcePrefix)
 		if err != nil {
 			missing = err.Error()
 			return false, nil
 		}
-		if missing = identityDiff(allocatable, obs.gpus); missing != "" {
-			return false, nil
-		}
-		node, err := a.node()
-		if err != nil {
-			return false, nil
-		}
-		missing = allocatableDiff(node, advertisable(obs.gpus))
+		missing, confirmed = identityDiff(allocatable, obs.gpus), allocatable
 		return missing == "", nil
 	})
 	if err != nil {
 		return fmt.Errorf("kubelet did not take the agent's device list within %s: %s", a.cfg.DevicePluginTimeout, missing)
 	}
+	obs.allocatable = confirmed
 	klog.FromContext(ctx).V(2).Info("kubelet can allocate the slices", "took", time.Since(start))
 	return nil
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	v1 "k8s.io/api/core/v1"
@@ -44,7 +45,7 @@ func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out out
 	if obs == nil {
 		st.GPUs = np.Status.DeepCopy().GPUs
 	} else {
-		st.GPUs, events = gpuStatuses(node, obs.gpus)
+		st.GPUs, events = gpuStatuses(node, obs.gpus, obs.allocatable)
 	}
 	events = append(events, conditions(np, &st, out, now)...)
 	// Whatever happened, no restart is under way once a sync reports.
@@ -69,18 +70,20 @@ func (a *Agent) markRestarting(ctx context.Context, np *v1alpha1.NodePartition) 
 
 // gpuStatuses reports the GPUs as observed: identity, model name, MIG
 // mode, the profiles NVML offers (which the scheduler plans with) and the
-// slices with whether a pod uses them; and, for a GPU with MIG off, a
-// Warning event on the Node saying how to enable it.
-func gpuStatuses(node *v1.Node, observed []Observed) ([]v1alpha1.GPUStatus, []event) {
+// slices with whether a pod uses them and whether kubelet can allocate
+// them (allocatable: device IDs per resource); and, for a GPU with MIG
+// off, a Warning event on the Node saying how to enable it.
+func gpuStatuses(node *v1.Node, observed []Observed, allocatable map[string][]string) ([]v1alpha1.GPUStatus, []event) {
 	var gpus []v1alpha1.GPUStatus
 	var events []event
 	for _, o := range observed {
-		slices := make([]partition.Slice, len(o.Slices))
+		ss := make([]partition.Slice, len(o.Slices))
 		for i, s := range o.Slices {
-			slices[i] = partition.Slice{Slice: s.Slice.Slice, UUID: s.UUID, Used: s.Holder != ""}
+			ss[i] = partition.Slice{Slice: s.Slice.Slice, UUID: s.UUID, Used: s.Holder != "",
+				Advertised: s.UUID != "" && slices.Contains(allocatable[s.Profile.ResourceName()], s.UUID)}
 		}
 		model := mig.ModelName(o.GPU.Name, o.GPU.PCIDeviceID)
-		gpus = append(gpus, partition.EncodeGPU(o.GPU.Index, o.GPU.UUID, model, migMode(o.GPU.MIG), o.Profiles, slices))
+		gpus = append(gpus, partition.EncodeGPU(o.GPU.Index, o.GPU.UUID, model, migMode(o.GPU.MIG), o.Profiles, ss))
 		if !o.GPU.MIG.Current {
 			events = append(events, event{once: "mig/" + o.GPU.UUID, ref: nodeRef(node),
 				kind: v1.EventTypeWarning, reason: ReasonMIGDisabled, message: migDisabled(o.GPU)})
@@ -210,10 +213,15 @@ func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, node *v1.N
 	return err
 }
 
-// writeStatus updates the status subresource if it changed. The status
+// writeStatus updates the status subresource, with who advertises the
+// node's GPU resources, if it changed. The status
 // is what the agent observed, true whatever the spec became meanwhile, so
 // a write conflict is retried at once on the fresh object.
 func (a *Agent) writeStatus(ctx context.Context, np *v1alpha1.NodePartition, st v1alpha1.NodePartitionStatus) error {
+	st.DevicePlugin = v1alpha1.DevicePluginNVIDIA
+	if a.cfg.Plugin != nil {
+		st.DevicePlugin = v1alpha1.DevicePluginAgent
+	}
 	if equality.Semantic.DeepEqual(np.Status, st) {
 		return nil
 	}

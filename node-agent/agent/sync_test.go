@@ -517,7 +517,7 @@ func TestNVIDIAPluginOnAnAgentModeNode(t *testing.T) {
 	a := &Agent{podLister: podLister(t, pod("old", v1.PodSucceeded), pod("nvidia-device-plugin-x", v1.PodRunning)),
 		cfg: Config{NodeName: "node-a", DevicePluginNamespace: "gpu-operator", DevicePluginSelector: "app=nvidia-device-plugin-daemonset", Plugin: p}}
 	_, ctx := ktesting.NewTestContext(t)
-	err := a.advertiseOwn(ctx, observation{})
+	err := a.advertiseOwn(ctx, &observation{})
 	require.ErrorIs(t, err, errTwoPlugins)
 	assert.Contains(t, err.Error(), "NVIDIA's device plugin runs on this node (gpu-operator/nvidia-device-plugin-x) while the agent is its device plugin")
 	assert.Empty(t, p.sets, "nothing advertised")
@@ -539,4 +539,21 @@ func TestOwnDevices(t *testing.T) {
 	assert.Contains(t, got, "nvidia.com/mig-7g.80gb", "every offered profile")
 	assert.Equal(t, []deviceplugin.Device{{ID: "GPU-off", CDIName: "dynamig.io/gpu=GPU-off"}}, got["nvidia.com/gpu"])
 	assert.Empty(t, ownDevices([]Observed{o}, map[string]bool{"MIG-3g.40gb": true})["nvidia.com/mig-3g.40gb"], "withdrawn")
+}
+
+// The status marks a slice advertised only when kubelet lists its MIG UUID
+// as allocatable under the slice's own resource name: what the scheduler
+// binds on in agent mode.
+func TestStatusSaysWhichSlicesKubeletCanAllocate(t *testing.T) {
+	o := a100(t, 0, have("1g.10gb", 0, ""), have("3g.40gb", 4, "team/a"))
+	gpus, _ := gpuStatuses(&v1.Node{}, []Observed{o}, map[string][]string{
+		"nvidia.com/mig-3g.40gb": {"MIG-3g.40gb"},
+		"nvidia.com/mig-1g.10gb": {"MIG-3g.40gb"}, // not the 1g slice's UUID
+	})
+	require.Len(t, gpus, 1)
+	advertised := map[string]bool{}
+	for _, s := range gpus[0].Slices {
+		advertised[s.Profile] = s.Advertised
+	}
+	assert.Equal(t, map[string]bool{"1g.10gb": false, "3g.40gb": true}, advertised)
 }

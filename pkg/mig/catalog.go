@@ -2,6 +2,8 @@ package mig
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -242,6 +244,19 @@ func Models() []*Model {
 	out := append([]*Model(nil), catalog...)
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
+}
+
+// ResourceNames returns the extended-resource name of every profile of
+// the catalog's models, sorted: what dynamig-scheduler's configuration
+// makes NodeResourcesFit leave to DynamicMIG.
+func ResourceNames() []string {
+	seen := map[string]bool{}
+	for _, m := range catalog {
+		for _, p := range m.Profiles {
+			seen[p.Name.ResourceName()] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(seen))
 }
 
 // ModelByName finds a model by catalog name or alias ("A100-80GB", "A30").

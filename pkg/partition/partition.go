@@ -44,6 +44,12 @@ type Node struct {
 	// Restarting is true while the agent restarts the node's device plugin
 	// (condition DevicePluginRestarting), a plan in flight or not.
 	Restarting bool
+	// AgentAdvertises is true when the agent is the node's device plugin
+	// (status.devicePlugin agent); Advertised then counts, per resource
+	// name, the slices the kubelet can allocate: what binding may count on
+	// before the kubelet's next node-status update shows them.
+	AgentAdvertises bool
+	Advertised      map[string]int64
 	// GPUs are the GPUs the status reports, in index order.
 	GPUs []GPU
 	// Used counts the slices a container holds.
@@ -69,12 +75,14 @@ type GPU struct {
 	Listed  bool
 }
 
-// Slice is a slice that exists: a profile at a start, its MIG device UUID
-// and whether a container holds it.
+// Slice is a slice that exists: a profile at a start, its MIG device
+// UUID, whether a container holds it and whether the kubelet can allocate
+// it.
 type Slice struct {
 	mig.Slice
-	UUID string
-	Used bool
+	UUID       string
+	Used       bool
+	Advertised bool
 }
 
 // Plannable reports whether the planner may change the GPU: MIG enabled
@@ -106,6 +114,8 @@ func Decode(np *v1alpha1.NodePartition) *Node {
 	n := &Node{Object: np, PlanID: np.Spec.PlanID}
 	n.InFlight = np.Spec.PlanID != "" && np.Spec.PlanID != np.Status.ObservedPlanID
 	n.Restarting = meta.IsStatusConditionTrue(np.Status.Conditions, v1alpha1.ConditionRestarting)
+	n.AgentAdvertises = np.Status.DevicePlugin == v1alpha1.DevicePluginAgent
+	n.Advertised = map[string]int64{}
 	if t, err := time.Parse(time.RFC3339Nano, np.Annotations[PlanTimeAnnotation]); err == nil {
 		n.PlanTime = t
 	}
@@ -123,6 +133,9 @@ func Decode(np *v1alpha1.NodePartition) *Node {
 		for _, s := range g.Slices {
 			if s.Used {
 				n.Used++
+			}
+			if s.Advertised {
+				n.Advertised[s.Profile.ResourceName()]++
 			}
 		}
 		if g.Plannable() {
@@ -163,7 +176,7 @@ func decodeGPU(gs v1alpha1.GPUStatus) (GPU, error) {
 		if err != nil {
 			return g, err
 		}
-		g.Slices = append(g.Slices, Slice{Slice: mig.Slice{Profile: p, Start: int(s.Start)}, UUID: s.UUID, Used: s.Used})
+		g.Slices = append(g.Slices, Slice{Slice: mig.Slice{Profile: p, Start: int(s.Start)}, UUID: s.UUID, Used: s.Used, Advertised: s.Advertised})
 	}
 	return g, nil
 }
@@ -237,7 +250,7 @@ func EncodeGPU(index int, uuid, model string, mode v1alpha1.MIGMode, profiles []
 		g.Profiles = append(g.Profiles, ps)
 	}
 	for _, s := range slices {
-		g.Slices = append(g.Slices, v1alpha1.SliceStatus{Slice: apiSlice(s.Slice), UUID: s.UUID, Used: s.Used})
+		g.Slices = append(g.Slices, v1alpha1.SliceStatus{Slice: apiSlice(s.Slice), UUID: s.UUID, Used: s.Used, Advertised: s.Advertised})
 	}
 	return g
 }

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -185,4 +186,69 @@ func TestAgentStopIsAnnounced(t *testing.T) {
 		status, _ := restarting()
 		return status == metav1.ConditionFalse
 	})
+}
+
+// In agent mode the scheduler binds on the agent's word: once the agent
+// reports the new slice advertised (kubelet's PodResources lists it), the
+// pod is bound while Node allocatable does not show the slice yet (this
+// node's kubelet writes its status every 10 minutes), and the real
+// kubelet admits it from its device manager. The repartition never
+// changes what kubelet can allocate of the node's other resource.
+func TestAgentModeBindsOnTheAgentsWord(t *testing.T) {
+	e := newEnv(t, "agentword")
+	e.agent, e.suffix = true, e.suffix+"-agent"
+	big := mig.Slice{Profile: mig.MustParseProfile("3g.40gb"), Start: 4}
+	n := e.nodeWith(kubeletnode.Options{Name: "word", Models: []string{"A100-80GB"}, Slices: map[int][]mig.Slice{0: {big}},
+		NodeStatusUpdateFrequency: 10 * time.Minute})
+	const r1, r3 = "nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"
+	c, err := n.DeviceAt(0, big)
+	require.NoError(t, err)
+	prc, err := podresources.Dial(n.Socket, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = prc.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	e.waitFor(30*time.Second, "kubelet can allocate the 3g.40gb", func() bool {
+		got, err := prc.Allocatable(ctx, r3)
+		return err == nil && slices.Equal(got[r3], []string{c})
+	})
+
+	// Sample what kubelet can allocate of 3g.40gb all through the repartition.
+	var disturbed []string
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for ctx.Err() == nil {
+			if got, err := prc.Allocatable(ctx, r3); err == nil && !slices.Equal(got[r3], []string{c}) {
+				disturbed = append(disturbed, fmt.Sprint(got[r3]))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+
+	start := time.Now()
+	e.pod("word", 0, map[string]int64{r1: 1})
+	var boundAt time.Duration
+	var nodeShowed int64
+	e.waitFor(60*time.Second, "the pod bound", func() bool {
+		p, err := cluster.Kube.CoreV1().Pods(e.ns).Get(ctx, "word", metav1.GetOptions{})
+		if err != nil || p.Spec.NodeName == "" {
+			return false
+		}
+		boundAt = time.Since(start)
+		node, err := cluster.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		require.NoError(t, err)
+		q := node.Status.Allocatable[r1]
+		nodeShowed = q.Value()
+		return true
+	})
+	assert.Zero(t, nodeShowed, "bound while Node allocatable did not show the new 1g.10gb")
+	e.waitPhase(30*time.Second, v1.PodRunning, "word")
+	t.Logf("1g.10gb created, advertised, bound after %v and Running after %v, Node allocatable %s: %d",
+		boundAt.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), r1, nodeShowed)
+	require.Len(t, n.Holding(e.ns + "/word")[r1], 1, "kubelet admitted the pod with its device")
+	cancel()
+	<-sampled
+	assert.Empty(t, disturbed, "kubelet could allocate the 3g.40gb, and only it, throughout")
+	e.invariants()
 }

@@ -19,8 +19,11 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/klog/v2"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+	schedconfig "k8s.io/kubernetes/pkg/scheduler/apis/config"
+	"sigs.k8s.io/yaml"
 
 	"github.com/dynamig/dynamig/pkg/compat"
+	"github.com/dynamig/dynamig/pkg/mig"
 )
 
 const chartDir = "../../manifests/helm/dynamig"
@@ -167,4 +170,33 @@ func keys[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// Both scheduler configurations, the manifest's and the chart's, leave
+// every MIG resource of the built-in catalog to DynamicMIG: in agent mode
+// it binds on the agent's word, before Node allocatable shows the slices,
+// which NodeResourcesFit would wait for.
+func TestSchedulerConfigsLeaveMIGResourcesToDynamicMIG(t *testing.T) {
+	chart, err := loader.Load(chartDir)
+	require.NoError(t, err)
+	vals, err := chartutil.ToRenderValues(chart, nil, chartutil.ReleaseOptions{Name: "dynamig", Namespace: "dynamig-system", IsInstall: true}, chartutil.DefaultCapabilities)
+	require.NoError(t, err)
+	out, err := engine.Render(chart, vals)
+	require.NoError(t, err)
+	var rendered map[string]any
+	require.NoError(t, yaml.Unmarshal([]byte(out["dynamig/templates/scheduler-config.yaml"]), &rendered))
+	chartConfig := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(chartConfig, []byte(rendered["data"].(map[string]any)["config.yaml"].(string)), 0o644))
+
+	for _, file := range []string{schedulerConfig, chartConfig} {
+		cfg, err := options.LoadConfigFromFile(klog.Background(), file)
+		require.NoError(t, err, file)
+		var ignored []string
+		for _, pc := range cfg.Profiles[0].PluginConfig {
+			if args, ok := pc.Args.(*schedconfig.NodeResourcesFitArgs); ok {
+				ignored = args.IgnoredResources
+			}
+		}
+		assert.Equal(t, mig.ResourceNames(), ignored, file)
+	}
 }

@@ -1,6 +1,7 @@
 package kubeletnode
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/dynamig/dynamig/test/nodesim"
 )
@@ -15,8 +17,9 @@ import (
 // kubeletConfig is the KubeletConfiguration that runs here: no cgroups
 // per QoS, no node-allocatable enforcement, no swap or cgroup v1 checks,
 // no eviction, image GC off, anonymous and AlwaysAllow on 127.0.0.1.
-// nodeStatusUpdateFrequency stays kubelet's default, 10 s: the scheduler
-// sees new devices late, as it does on a real cluster.
+// nodeStatusUpdateFrequency is kubelet's default, 10 s, unless the node's
+// options say otherwise: the scheduler sees new devices in Node
+// allocatable late, as it does on a real cluster.
 const kubeletConfig = `apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 failCgroupV1: false
@@ -41,6 +44,7 @@ resolvConf: ""
 serializeImagePulls: false
 podLogsDir: %[4]s
 volumePluginDir: %[5]s
+nodeStatusUpdateFrequency: %[6]s
 `
 
 // inNamespace bind-mounts the private device-plugin and container-log
@@ -70,7 +74,7 @@ func (n *Node) startKubelet() error {
 	dir := n.opts.Dir
 	cfg := filepath.Join(dir, "kubelet.yaml")
 	data := fmt.Sprintf(kubeletConfig, filepath.Join(n.opts.SocketDir, "cri.sock"), ports[0], ports[1],
-		filepath.Join(dir, "pod-logs"), filepath.Join(dir, "volume-plugins"))
+		filepath.Join(dir, "pod-logs"), filepath.Join(dir, "volume-plugins"), cmp.Or(n.opts.NodeStatusUpdateFrequency, 10*time.Second))
 	if err := os.WriteFile(cfg, []byte(data), 0o644); err != nil {
 		return err
 	}

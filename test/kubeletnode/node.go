@@ -85,6 +85,10 @@ type Options struct {
 	// container given a device of the agent's CDI kind is created only if
 	// a spec there resolves it, as with containerd.
 	CDIDir string
+	// NodeStatusUpdateFrequency is kubelet's nodeStatusUpdateFrequency
+	// (0: kubelet's default, 10 s): how often it may write Node capacity
+	// and allocatable.
+	NodeStatusUpdateFrequency time.Duration
 }
 
 // Node is a running node.

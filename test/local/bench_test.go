@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"k8s.io/klog/v2"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+	schedconfig "k8s.io/kubernetes/pkg/scheduler/apis/config"
 
 	"github.com/dynamig/dynamig/manifests"
 )
@@ -31,6 +32,11 @@ func TestWithoutDynamicMIG(t *testing.T) {
 		filters = append(filters, p.Name)
 	}
 	assert.Contains(t, filters, "NodeResourcesFit")
+	for _, pc := range cfg.Profiles[0].PluginConfig {
+		if args, ok := pc.Args.(*schedconfig.NodeResourcesFitArgs); ok {
+			assert.Empty(t, args.IgnoredResources, "without DynamicMIG, NodeResourcesFit checks the MIG resources")
+		}
+	}
 }
 
 func TestQuantile(t *testing.T) {

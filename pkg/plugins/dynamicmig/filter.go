@@ -66,7 +66,9 @@ func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v
 // PreFilterExtensions implements fwk.PreFilterPlugin.
 func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil }
 
-// Filter rejects a node without enough free slices of the pod's profiles,
+// Filter rejects a node without enough free slices of the pod's profiles
+// (advertised, in agent mode, else Node allocatable, less what the pods
+// on the node request; NodeResourcesFit leaves MIG resources to it),
 // so that DynamicMIG is among the pod's rejectors and is asked again when
 // capacity appears (see requeue.go); NodeResourcesFit's hints alone would
 // wait for allocatable to grow, which no repartition of freed slices
@@ -88,7 +90,8 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 		return fwk.AsStatus(err)
 	}
 	node := ni.Node()
-	if part := p.partitions.get(node.Name); part != nil && !guard.Off(guard.InFlight) {
+	part := p.partitions.get(node.Name)
+	if part != nil && !guard.Off(guard.InFlight) {
 		switch {
 		case part.InFlight:
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", s.demand, node.Name, part.PlanID))
@@ -100,7 +103,14 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	allocatable := ni.GetAllocatable().GetScalarResources()
 	for prof, want := range s.demand {
 		r := v1.ResourceName(prof.ResourceName())
-		if allocatable[r]-requested[r] < int64(want) {
+		have := allocatable[r]
+		if part != nil && part.AgentAdvertises {
+			// The agent is the node's device plugin and says which
+			// slices kubelet can allocate; Node allocatable shows them
+			// only at kubelet's next node-status update.
+			have = part.Advertised[string(r)]
+		}
+		if have-requested[r] < int64(want) {
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))
 		}
 	}

@@ -35,6 +35,7 @@ import (
 
 	configv1 "github.com/dynamig/dynamig/pkg/apis/config/v1"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/pkg/partition"
 	"github.com/dynamig/dynamig/test/builders"
 )
@@ -128,7 +129,7 @@ func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*
 		tf.RegisterPluginAsExtensions(noderesources.Name, func(ctx context.Context, _ runtime.Object, h fwk.Handle) (fwk.Plugin, error) {
 			args := &schedconfig.NodeResourcesFitArgs{ScoringStrategy: &schedconfig.ScoringStrategy{
 				Type: schedconfig.LeastAllocated, Resources: []schedconfig.ResourceSpec{{Name: "cpu", Weight: 1}},
-			}}
+			}, IgnoredResources: mig.ResourceNames()} // as the shipped configuration
 			return noderesources.NewFit(ctx, args, h, feature.Features{})
 		}, "PreFilter", "Filter"),
 	}, "dynamig-scheduler",
@@ -376,4 +377,36 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	assert.Contains(t, st.Message(), "the device plugin is restarting")
 	restarting.Status.Conditions[0].Status = metav1.ConditionFalse
 	assert.True(t, fw.RunFilterPlugins(ctx, state, pod, ni).IsSuccess(), "applied, advertised: the pod fits")
+}
+
+// In agent mode Filter counts the slices the agent reports kubelet can
+// allocate, not Node allocatable, which shows them only at kubelet's next
+// node-status update; a slice kubelet cannot allocate yet does not count.
+// In restart mode Node allocatable decides, as before.
+func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
+	advertised := builders.Free("1g.10gb", 1)
+	advertised.Advertised = true
+	np := builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", advertised, builders.Free("1g.10gb", 2), builders.Used("3g.40gb", 4)))
+	np.Name = "n1"
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": np}}
+	node := migNode("n1") // kubelet has not written the slices to Node allocatable yet
+	one := pendingPod("one", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+	two := pendingPod("two", builders.Resources("nvidia.com/mig-1g.10gb", "2"))
+	fw, _ := testFramework(t, parts, []*v1.Node{node}, one, two)
+	_, ctx := ktesting.NewTestContext(t)
+	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
+	require.NoError(t, err)
+	filter := func(pod *v1.Pod) *fwk.Status {
+		state := framework.NewCycleState()
+		_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
+		require.True(t, st.IsSuccess())
+		return fw.RunFilterPlugins(ctx, state, pod, ni)
+	}
+
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "restart mode: Node allocatable has no 1g.10gb")
+	np.Status.DevicePlugin = v1alpha1.DevicePluginAgent
+	assert.True(t, filter(one).IsSuccess(), "agent mode: one 1g.10gb is advertised")
+	st := filter(two)
+	assert.Equal(t, fwk.Unschedulable, st.Code(), "the second 1g.10gb exists but kubelet cannot allocate it yet")
+	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
 }

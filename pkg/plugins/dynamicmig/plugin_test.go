@@ -106,10 +106,25 @@ func TestCapacityChange(t *testing.T) {
 		{"the agent reported the node's GPUs", d(builders.NodePartition(nil, "p-1", "p-1")), freed, gpusReported},
 		{"a new NodePartition with GPUs", nil, freed, planApplied},
 		{"a new NodePartition without GPUs", nil, d(builders.NodePartition(nil, "", "")), ""},
+		{"the agent advertised a slice", d(agentMode(builders.Free("3g.40gb", 0))), d(agentMode(advertisedSlice("3g.40gb", 0))), advertised},
+		{"the agent withdrew a slice", d(agentMode(advertisedSlice("3g.40gb", 0))), d(agentMode(builders.Free("3g.40gb", 0))), ""},
 	}
 	for _, tt := range tests {
 		assert.Equal(t, tt.want, capacityChange(tt.old, tt.new), tt.name)
 	}
+}
+
+// agentMode is a NodePartition of an agent-mode node with an A100 of these slices.
+func agentMode(slices ...v1alpha1.SliceStatus) *v1alpha1.NodePartition {
+	np := builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", slices...))
+	np.Status.DevicePlugin = v1alpha1.DevicePluginAgent
+	return np
+}
+
+func advertisedSlice(profile string, start int32) v1alpha1.SliceStatus {
+	s := builders.Free(profile, start)
+	s.Advertised = true
+	return s
 }
 
 func TestDescribe(t *testing.T) {

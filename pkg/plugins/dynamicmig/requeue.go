@@ -84,6 +84,7 @@ const (
 	gpusReported = "the agent reported the node's GPUs"
 	slicesFreed  = "the agent reported slices freed"
 	restarted    = "the device plugin restarted"
+	advertised   = "the agent advertised more slices"
 )
 
 // capacityChange says why a NodePartition change may let a pending MIG
@@ -99,8 +100,20 @@ func capacityChange(old, n *partition.Node) string {
 		return slicesFreed
 	case old != nil && old.Restarting && !n.Restarting:
 		return restarted
+	case old != nil && n.AgentAdvertises && grew(old.Advertised, n.Advertised):
+		return advertised
 	}
 	return ""
+}
+
+// grew reports whether any count in n is above its count in old.
+func grew(old, n map[string]int64) bool {
+	for k, v := range n {
+		if v > old[k] {
+			return true
+		}
+	}
+	return false
 }
 
 // partitionChanged activates the pending pods a NodePartition change can
@@ -140,7 +153,7 @@ func available(why string, n *partition.Node) map[mig.ProfileName]bool {
 	for i := range n.GPUs {
 		g := &n.GPUs[i]
 		switch {
-		case why == planApplied || why == restarted:
+		case why == planApplied || why == restarted || why == advertised:
 			for _, s := range g.Slices {
 				if !s.Used {
 					out[s.Profile] = true

@@ -79,6 +79,15 @@ type NodePartitionStatus struct {
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 
+	// DevicePlugin says who advertises the node's GPU resources to the
+	// kubelet: "nvidia" (NVIDIA's device plugin, restarted by the agent
+	// after each change; the scheduler counts free slices from Node
+	// allocatable) or "agent" (the agent itself; the scheduler counts the
+	// slices marked advertised, without waiting for the kubelet's next
+	// node-status update).
+	// +optional
+	DevicePlugin DevicePluginMode `json:"devicePlugin,omitempty"`
+
 	// GPUs are the node's MIG-capable GPUs as NVML reports them.
 	// +optional
 	// +listType=map
@@ -95,6 +104,16 @@ type NodePartitionStatus struct {
 	// +listMapKey=type
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
+
+// DevicePluginMode is who advertises a node's GPU resources.
+// +kubebuilder:validation:Enum=nvidia;agent
+type DevicePluginMode string
+
+// Device-plugin modes.
+const (
+	DevicePluginNVIDIA DevicePluginMode = "nvidia"
+	DevicePluginAgent  DevicePluginMode = "agent"
+)
 
 // MIGMode is a GPU's MIG mode.
 // +kubebuilder:validation:Enum=Enabled;Disabled;EnablePending;DisablePending
@@ -166,6 +185,11 @@ type SliceStatus struct {
 	UUID string `json:"uuid,omitempty"`
 	// Used is true while a container holds the device.
 	Used bool `json:"used"`
+	// Advertised is true when the kubelet can allocate the device: its
+	// PodResources API lists it as allocatable under the profile's
+	// resource name.
+	// +optional
+	Advertised bool `json:"advertised,omitempty"`
 }
 
 // NodePartitionList is a list of NodePartitions.
