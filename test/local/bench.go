@@ -38,27 +38,33 @@ var benchProfiles = []string{"1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "2g.20g
 
 // Bench measures, on local clusters of Nodes × GPUsPerNode A100-80GB, the
 // time from creating a burst of Pods MIG pods of mixed profiles to each
-// being bound and Running — with instant NVML and device-plugin restarts,
-// then with realistic delays (1 s per slice created, 10 s per
-// device-plugin restart) — and the scheduler's throughput for CPUPods
-// non-GPU pods with and without DynamicMIG. It prints a table.
+// being bound and Running — in each device-plugin mode (NVIDIA's plugin,
+// restarted by the agent; the agent's own), with instant NVML and
+// device-plugin restarts, then with realistic delays (1 s per slice
+// created, 10 s per device-plugin restart) — and the scheduler's
+// throughput for CPUPods non-GPU pods with and without DynamicMIG. It
+// prints a table.
 func Bench(ctx context.Context, o BenchOptions, out io.Writer) error {
 	fmt.Fprintf(out, "burst of %d MIG pods (mixed profiles, seed %d) on %d nodes × %d A100-80GB\n\n", o.Pods, o.Seed, o.Nodes, o.GPUsPerNode)
-	fmt.Fprintf(out, "%-10s %-8s %8s %8s %8s %8s\n", "mode", "to", "p50", "p95", "p99", "max")
-	for i, mode := range []benchMode{{"instant", 0, 0}, {"realistic", 10 * time.Second, time.Second}} {
-		c, err := Start(ctx, Options{DevicePluginDelay: mode.devicePluginDelay, SliceDelay: mode.sliceDelay, DevicePluginTimeout: 5 * time.Minute})
-		if err != nil {
-			return err
-		}
-		err = benchBurst(ctx, c, o, mode, out)
-		if err == nil && i == 0 && o.CPUPods > 0 {
-			err = benchThroughput(ctx, c, o, out)
-		}
-		c.Stop()
-		if err != nil {
-			return err
+	fmt.Fprintf(out, "%-7s %-10s %-8s %8s %8s %8s %8s\n", "plugin", "hardware", "to", "p50", "p95", "p99", "max")
+	var throughput string
+	for _, plugin := range []string{DevicePluginNVIDIA, DevicePluginAgent} {
+		for i, mode := range []benchMode{{"instant", 0, 0}, {"realistic", 10 * time.Second, time.Second}} {
+			c, err := Start(ctx, Options{DevicePluginDelay: mode.devicePluginDelay, SliceDelay: mode.sliceDelay, DevicePluginTimeout: 5 * time.Minute, DevicePlugin: plugin})
+			if err != nil {
+				return err
+			}
+			err = benchBurst(ctx, c, o, plugin, mode, out)
+			if err == nil && i == 0 && plugin == DevicePluginNVIDIA && o.CPUPods > 0 {
+				throughput, err = benchThroughput(ctx, c, o)
+			}
+			c.Stop()
+			if err != nil {
+				return err
+			}
 		}
 	}
+	fmt.Fprint(out, throughput)
 	return nil
 }
 
@@ -101,7 +107,7 @@ func (pt *podTimes) count(running bool) int {
 	return len(pt.bound)
 }
 
-func benchBurst(ctx context.Context, c *Cluster, o BenchOptions, mode benchMode, out io.Writer) error {
+func benchBurst(ctx context.Context, c *Cluster, o BenchOptions, plugin string, mode benchMode, out io.Writer) error {
 	for i := range o.Nodes {
 		models := make([]string, o.GPUsPerNode)
 		for g := range models {
@@ -138,7 +144,7 @@ func benchBurst(ctx context.Context, c *Cluster, o BenchOptions, mode benchMode,
 		return pt.count(true) == o.Pods, nil
 	})
 	if err != nil {
-		return fmt.Errorf("%s: %d of %d pods running after 15 minutes", mode.name, pt.count(true), o.Pods)
+		return fmt.Errorf("%s, %s: %d of %d pods running after 15 minutes", plugin, mode.name, pt.count(true), o.Pods)
 	}
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
@@ -151,7 +157,7 @@ func benchBurst(ctx context.Context, c *Cluster, o BenchOptions, mode benchMode,
 			d = append(d, t.Sub(created[name]))
 		}
 		slices.Sort(d)
-		fmt.Fprintf(out, "%-10s %-8s %8s %8s %8s %8s\n", mode.name, phase.name, q(d, 0.50), q(d, 0.95), q(d, 0.99), q(d, 1))
+		fmt.Fprintf(out, "%-7s %-10s %-8s %8s %8s %8s %8s\n", plugin, mode.name, phase.name, q(d, 0.50), q(d, 0.95), q(d, 0.99), q(d, 1))
 	}
 	return nil
 }
@@ -164,13 +170,13 @@ func q(sorted []time.Duration, p float64) string {
 }
 
 // benchThroughput binds CPUPods pending non-GPU pods with the shipped
-// profile, then with the same profile without DynamicMIG, and prints pods/s
+// profile, then with the same profile without DynamicMIG, and says pods/s
 // from the scheduler's start to the last bind (its start, a fraction of a
 // second, is counted in both).
-func benchThroughput(ctx context.Context, c *Cluster, o BenchOptions, out io.Writer) error {
+func benchThroughput(ctx context.Context, c *Cluster, o BenchOptions) (string, error) {
 	without, err := withoutDynamicMIG(manifests.SchedulerConfig)
 	if err != nil {
-		return err
+		return "", err
 	}
 	rates := map[string]float64{}
 	for _, run := range []struct {
@@ -182,7 +188,7 @@ func benchThroughput(ctx context.Context, c *Cluster, o BenchOptions, out io.Wri
 		c.StopScheduler()
 		ns := fmt.Sprintf("cpu-%d", len(rates))
 		if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-			return err
+			return "", err
 		}
 		wctx, cancel := context.WithCancel(ctx)
 		pt := watchPods(wctx, c, ns)
@@ -192,13 +198,13 @@ func benchThroughput(ctx context.Context, c *Cluster, o BenchOptions, out io.Wri
 			p.Spec.Containers[0].Resources.Requests = v1.ResourceList{v1.ResourceCPU: resource.MustParse("10m")}
 			if _, err := c.Kube.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 				cancel()
-				return err
+				return "", err
 			}
 		}
 		start := time.Now()
 		if err := c.StartSchedulerWithConfig(run.config); err != nil {
 			cancel()
-			return fmt.Errorf("scheduler %s: %w", run.name, err)
+			return "", fmt.Errorf("scheduler %s: %w", run.name, err)
 		}
 		err := wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 10*time.Minute, true, func(context.Context) (bool, error) {
 			return pt.count(false) == o.CPUPods, nil
@@ -206,13 +212,12 @@ func benchThroughput(ctx context.Context, c *Cluster, o BenchOptions, out io.Wri
 		took := time.Since(start)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("non-GPU pods %s: %d of %d bound", run.name, pt.count(false), o.CPUPods)
+			return "", fmt.Errorf("non-GPU pods %s: %d of %d bound", run.name, pt.count(false), o.CPUPods)
 		}
 		rates[run.name] = float64(o.CPUPods) / took.Seconds()
 	}
-	fmt.Fprintf(out, "\nnon-GPU pods (%d pending, from scheduler start to all bound): with DynamicMIG %.0f pods/s, without %.0f pods/s: %.0f %%\n",
-		o.CPUPods, rates["with DynamicMIG"], rates["without"], 100*rates["with DynamicMIG"]/rates["without"])
-	return nil
+	return fmt.Sprintf("\nnon-GPU pods (%d pending, from scheduler start to all bound): with DynamicMIG %.0f pods/s, without %.0f pods/s: %.0f %%\n",
+		o.CPUPods, rates["with DynamicMIG"], rates["without"], 100*rates["with DynamicMIG"]/rates["without"]), nil
 }
 
 // withoutDynamicMIG is the shipped configuration with the plugin taken out

@@ -53,10 +53,10 @@ type Options struct {
 	// KubernetesVersion picks kube-apiserver, kube-controller-manager and
 	// kubelet: "" for this module's (Version), or one of OlderVersions.
 	KubernetesVersion string
-	// DevicePlugin is who advertises the GPU resources of nodes with the
-	// real kubelet: DevicePluginNVIDIA (the stand-in for NVIDIA's plugin,
-	// restarted by the agent after every change; the default) or
-	// DevicePluginAgent (the agent's own plugin).
+	// DevicePlugin is who advertises the nodes' GPU resources (the real
+	// kubelet's and the light model's): DevicePluginNVIDIA (the stand-in
+	// for NVIDIA's plugin, restarted by the agent after every change; the
+	// default) or DevicePluginAgent (the agent's own plugin).
 	DevicePlugin string
 }
 
@@ -110,8 +110,10 @@ type node struct {
 	// serves its own plugin (agent mode), and cdiDir where it writes the
 	// devices' CDI specs; "" where NVIDIA's plugin serves.
 	pluginDir, cdiDir string
-	stop              func()
-	agent             *component
+	// simPlugin is the agent's plugin on a light-model node in agent mode.
+	simPlugin *nodesim.AgentPlugin
+	stop      func()
+	agent     *component
 }
 
 // component is an in-process goroutine that runs until its context ends.
@@ -279,12 +281,13 @@ func (c *Cluster) AddKubeletNode(o kubeletnode.Options) (*kubeletnode.Node, erro
 // the real kubelet cannot go (many nodes), and its agent.
 func (c *Cluster) AddSimNode(o nodesim.Options) (*nodesim.Node, error) {
 	o.SocketDir, o.RestartDelay = c.socket, c.opts.DevicePluginDelay
+	o.AgentPlugin = o.AgentPlugin || c.opts.DevicePlugin == DevicePluginAgent
 	n, err := nodesim.Start(c.ctx, c.Kube, o)
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", o.Name, err)
 	}
 	n.Sim.SetLatency(gpu.MethodCreateGPUInstance, c.opts.SliceDelay)
-	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, stop: func() {}})
+	return n, c.addNode(o.Name, &node{Node: n, sim: n.Sim, socket: n.Socket, simPlugin: n.AgentPlugin(), stop: func() {}})
 }
 
 func (c *Cluster) addNode(name string, n *node) error {
@@ -322,6 +325,9 @@ func (c *Cluster) StartAgent(name string) error {
 			return err
 		}
 		cfg.Plugin, cfg.CDI = deviceplugin.New(n.pluginDir), specs
+	}
+	if n.simPlugin != nil {
+		cfg.Plugin = n.simPlugin
 	}
 	n.agent = run(c.ctx, "agent "+name, func(ctx context.Context) error {
 		return RunAgent(ctx, c.Config, n.sim, n.socket, cfg)

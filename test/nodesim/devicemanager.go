@@ -60,12 +60,8 @@ func (n *Node) register(uid types.UID, ids map[string][]string) {
 	if uid == "" || uid != n.pluginUID {
 		return
 	}
-	for r, list := range ids {
-		n.endpoints[r] = &endpoint{healthy: append([]string(nil), list...)}
-		n.server.SetAllocatable(r, list)
-	}
 	n.registeredUID = uid
-	n.statusChanged()
+	n.advertiseLocked(ids)
 }
 
 // pluginStopped is kubelet losing the plugin of pod uid, whose container

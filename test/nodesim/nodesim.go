@@ -110,6 +110,9 @@ type Options struct {
 	Seed int64
 	// Slices exist on the GPUs before anything starts: GPU index → slices.
 	Slices map[int][]mig.Slice
+	// AgentPlugin puts the node in agent mode: no NVIDIA device plugin;
+	// the agent advertises the GPU resources through AgentPlugin.
+	AgentPlugin bool
 }
 
 // DevicesAnnotation on a pod names the device IDs ("MIG-…", comma
@@ -140,10 +143,11 @@ type Node struct {
 
 	mu            sync.Mutex
 	rng           *rand.Rand
-	starting      bool      // a device-plugin start is under way
-	pluginUID     types.UID // the live device-plugin pod, "" while none
-	registeredUID types.UID // the plugin pod whose plugin is registered with kubelet
-	started       bool      // a plugin pod was created before
+	starting      bool                // a device-plugin start is under way
+	pluginUID     types.UID           // the live device-plugin pod, "" while none
+	registeredUID types.UID           // the plugin pod whose plugin is registered with kubelet
+	agentDevices  map[string][]string // agent mode: what the agent's plugin advertises, by resource
+	started       bool                // a plugin pod was created before
 	restarts      int
 	paused        bool
 	endpoints     map[string]*endpoint // resource → kubelet's registration and device health
@@ -266,20 +270,22 @@ func Start(ctx context.Context, cs kubernetes.Interface, o Options) (*Node, erro
 	if err := n.createNode(ctx); err != nil {
 		return nil, err
 	}
-	// The plugin comes up with the node: registered, and in the Node's
-	// status before Start returns (the first status tick).
-	uid, err := n.createPlugin(ctx)
-	if err == nil && uid == "" {
-		err = fmt.Errorf("node %s: a device-plugin pod %s/%s exists already", o.Name, DevicePluginNamespace, n.pluginName())
+	if !o.AgentPlugin {
+		// The plugin comes up with the node: registered, and in the Node's
+		// status before Start returns (the first status tick).
+		uid, err := n.createPlugin(ctx)
+		if err == nil && uid == "" {
+			err = fmt.Errorf("node %s: a device-plugin pod %s/%s exists already", o.Name, DevicePluginNamespace, n.pluginName())
+		}
+		if err != nil {
+			return nil, err
+		}
+		ids, err := Scan(n.plugin)
+		if err != nil {
+			return nil, err
+		}
+		n.register(uid, ids)
 	}
-	if err != nil {
-		return nil, err
-	}
-	ids, err := Scan(n.plugin)
-	if err != nil {
-		return nil, err
-	}
-	n.register(uid, ids)
 	if err := n.writeNodeStatus(ctx); err != nil {
 		return nil, err
 	}
@@ -471,7 +477,7 @@ func (n *Node) sync(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
-	if n.isPlugin(ns, name) {
+	if n.isPlugin(ns, name) && !n.opts.AgentPlugin {
 		if !exists {
 			n.startPlugin(ctx)
 			return nil

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -27,6 +28,7 @@ import (
 	podresourcesv1 "k8s.io/kubelet/pkg/apis/podresources/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/dynamig/dynamig/node-agent/deviceplugin"
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/demand"
@@ -481,4 +483,56 @@ func dialRaw(t *testing.T, socket string) *grpc.ClientConn {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Close() })
 	return c
+}
+
+// In agent mode there is no NVIDIA plugin: the agent's plugin registers
+// what it was given when it runs, a new list takes effect at once (no
+// restart window), a device left out is no longer allocatable while its
+// holder keeps it, a pod is admitted from the device manager before Node
+// allocatable shows its device, and when the plugin stops its resources
+// turn unhealthy as for any plugin.
+func TestAgentPlugin(t *testing.T) {
+	h := start(t, Options{AgentPlugin: true, Slices: sevenOnes, StatusUpdatePeriod: time.Hour, ProcessDelay: -1})
+	_, err := h.cs.CoreV1().Pods(DevicePluginNamespace).Get(context.Background(), h.node.pluginName(), metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "no NVIDIA plugin pod")
+	assert.Empty(t, h.allocatable())
+	ids, err := Scan(h.node.plugin)
+	require.NoError(t, err)
+	all := ids[r1g]
+	require.Len(t, all, 7)
+	devices := func(ids ...string) map[string][]deviceplugin.Device {
+		out := map[string][]deviceplugin.Device{r1g: nil}
+		for _, id := range ids {
+			out[r1g] = append(out[r1g], deviceplugin.Device{ID: id})
+		}
+		return out
+	}
+
+	p := h.node.AgentPlugin()
+	require.NotNil(t, p)
+	p.Set(devices(all[:2]...))
+	assert.Empty(t, h.allocatable(), "not registered before it runs")
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		assert.NoError(t, p.Run(ctx))
+	}()
+	h.waitFor("registered", 3*time.Second, func() bool { return len(h.allocatable()[r1g]) == 2 })
+	h.create(gpuPod("first", "", map[string]int64{r1g: 1}))
+	h.waitPhase("first", v1.PodRunning)
+	_, nodeAllocatable, _ := h.nodeResources(r1g)
+	assert.Zero(t, nodeAllocatable, "admitted before Node allocatable shows the device (next status tick in an hour)")
+	held := h.node.Holding("team/first")[r1g]
+	require.Len(t, held, 1)
+
+	p.Set(devices(all[2]))
+	h.waitFor("the new list", time.Second, func() bool { return slices.Equal(h.allocatable()[r1g], []string{all[2]}) })
+	assert.Equal(t, held, h.node.Holding("team/first")[r1g], "its holder keeps a device left out")
+
+	cancel()
+	<-stopped
+	assert.Empty(t, h.allocatable(), "unhealthy once the plugin is gone")
+	h.create(gpuPod("after", "", map[string]int64{r1g: 1}))
+	assert.Equal(t, "UnexpectedAdmissionError", h.waitPhase("after", v1.PodFailed).Status.Reason)
 }
