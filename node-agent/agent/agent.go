@@ -100,7 +100,11 @@ type Agent struct {
 	// the layout again (or before it deleted any). A plugin pod not in it
 	// started after those deletions and is waited for, not deleted.
 	replaced map[types.UID]bool
-	lastMsg  map[string]string // event key → last reason+message, for events on change only
+	// withdrawn holds, while a plan is applied in agent mode, the MIG
+	// UUIDs of the slices it destroys: the agent's plugin does not
+	// advertise them.
+	withdrawn map[string]bool
+	lastMsg   map[string]string // event key → last reason+message, for events on change only
 }
 
 const queueKey = "node"
@@ -254,6 +258,11 @@ func (e errWait) Error() string { return "waiting: " + e.why }
 
 const waitRetry = 500 * time.Millisecond
 
+// progressEvery is the least time between two progress reports of a plan
+// applied in agent mode (the first, once its destroys are withdrawn, is
+// always made).
+const progressEvery = 500 * time.Millisecond
+
 // outcome is what one sync did, for the status conditions (apply returns
 // its own part of it): the steps applied, why parts of the spec were not,
 // and a failure to retry.
@@ -294,7 +303,20 @@ func (a *Agent) sync(ctx context.Context) error {
 	if d.wait != "" {
 		return a.hold(ctx, np, node, obs, d.wait)
 	}
-	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus)
+	var progress func(context.Context)
+	if a.cfg.Plugin != nil && len(d.steps) > 0 && np.Spec.PlanID != "" {
+		var last time.Time
+		progress = func(ctx context.Context) {
+			// Each report wakes the scheduler for the pods it may serve;
+			// slices that come faster are reported together.
+			if !last.IsZero() && time.Since(last) < progressEvery {
+				return
+			}
+			a.progress(ctx, np, node)
+			last = time.Now()
+		}
+	}
+	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus, progress)
 	out.conflicts, out.refused = append(d.conflicts, out.conflicts...), d.refused
 	if len(out.steps) > 0 {
 		a.replaced = nil // plugin pods started until now scanned an older layout

@@ -12,17 +12,36 @@ import (
 	"github.com/dynamig/dynamig/pkg/guard"
 )
 
-// apply runs the steps in order. Before each destroy it withdraws the
-// slice from kubelet (agent mode) and asks kubelet again whether the slice
-// is free; NVML's IN_USE is the last guard. A
-// slice found in use blocks the rest of its GPU's steps (a conflict); any
-// other failure stops the run, to be retried. The outcome holds the steps
-// that ran, those conflicts, and the failure with its reason.
-func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed) outcome {
+// apply runs the steps in order. In agent mode it first withdraws every
+// slice the steps destroy from kubelet (withdraw), then calls progress, if
+// set, once they are withdrawn and after each slice it creates: the
+// scheduler may bind pods to what kubelet can allocate from then on.
+// Before each destroy it asks kubelet again whether the slice is free;
+// NVML's IN_USE is the last guard. A slice found in use blocks the rest of
+// its GPU's steps (a conflict); any other failure stops the run, to be
+// retried. The outcome holds the steps that ran, those conflicts, and the
+// failure with its reason.
+func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, progress func(context.Context)) outcome {
 	logger := klog.FromContext(ctx)
 	blocked := map[int]bool{}
-	withdrawn := map[string]bool{} // MIG UUIDs the agent's plugin no longer advertises
 	var out outcome
+	if a.cfg.Plugin != nil {
+		a.withdrawn = map[string]bool{}
+		defer func() { a.withdrawn = nil }()
+		if err := a.withdraw(ctx, steps, observed); err != nil {
+			for _, st := range steps {
+				if st.Kind == Destroy && !blocked[st.GPU] {
+					out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: ReasonKubeletUnreachable, Message: fmt.Sprintf("gpu %d: not changed: %v", st.GPU, err)})
+					blocked[st.GPU] = true
+				}
+			}
+			progress = nil // kubelet may still hand out a slice the plan destroys
+		}
+	}
+	if progress == nil {
+		progress = func(context.Context) {}
+	}
+	progress(ctx)
 	for _, st := range steps {
 		if blocked[st.GPU] {
 			continue
@@ -31,14 +50,6 @@ func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed) ou
 		var err error
 		switch st.Kind {
 		case Destroy:
-			if a.cfg.Plugin != nil {
-				if err := a.withdraw(ctx, st, observed, withdrawn); err != nil {
-					out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: ReasonKubeletUnreachable,
-						Message: fmt.Sprintf("gpu %d: not changed: kubelet still offers %s after it was withdrawn: %v", st.GPU, st.Slice, err)})
-					blocked[st.GPU] = true
-					continue
-				}
-			}
 			if who, err := a.recheck(ctx, st, observed); err != nil || who != "" {
 				msg := fmt.Sprintf("gpu %d: not changed: %s is used by pod %s", st.GPU, st.Slice, who)
 				reason := ReasonSliceInUse
@@ -60,6 +71,9 @@ func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed) ou
 		case err == nil:
 			log.V(2).Info("step done", "step", st.String())
 			out.steps = append(out.steps, st)
+			if st.Kind == Create {
+				progress(ctx)
+			}
 		case errors.Is(err, gpu.ErrInUse):
 			out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: ReasonSliceInUse,
 				Message: fmt.Sprintf("gpu %d: not changed further: NVML says %s is in use (%s)", st.GPU, st.Slice, err)})

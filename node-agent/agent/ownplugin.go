@@ -29,10 +29,9 @@ type Plugin interface {
 // ownDevices is what the agent's plugin advertises: a resource for every
 // profile the node's GPUs offer, with or without slices (so that a new
 // profile never needs a registration), holding the slices with a
-// full-size compute instance by MIG UUID, except those in withdrawn; and
-// nvidia.com/gpu for each GPU with MIG off (and no change to it pending),
-// by GPU UUID.
-func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]deviceplugin.Device {
+// full-size compute instance by MIG UUID; and nvidia.com/gpu for each GPU
+// with MIG off (and no change to it pending), by GPU UUID.
+func ownDevices(observed []Observed) map[string][]deviceplugin.Device {
 	out := map[string][]deviceplugin.Device{}
 	for _, o := range observed {
 		if !o.GPU.MIG.Current && !o.GPU.MIG.Pending && o.GPU.UUID != "" {
@@ -44,7 +43,7 @@ func ownDevices(observed []Observed, withdrawn map[string]bool) map[string][]dev
 			}
 		}
 		for _, s := range o.Slices {
-			if s.Advertised() && !withdrawn[s.UUID] {
+			if s.Advertised() {
 				r := s.Profile.ResourceName()
 				out[r] = append(out[r], deviceplugin.Device{ID: s.UUID, CDIName: deviceplugin.CDIName(s.UUID)})
 			}
@@ -85,8 +84,9 @@ func (a *Agent) nvidiaPlugins() ([]string, error) {
 }
 
 // advertiseOwn writes the CDI specs of the observed slices (and removes
-// those of slices gone), makes the agent's plugin advertise the slices and
-// waits until kubelet can allocate exactly them, by identity; obs then
+// those of slices gone), makes the agent's plugin advertise the slices
+// (but those withdrawn to be destroyed) and waits until kubelet can
+// allocate exactly them, by identity; obs then
 // holds what kubelet can allocate, which the status reports per slice
 // (advertised) and the scheduler counts, without waiting for the
 // kubelet's next node-status update. Nothing restarts: other resources
@@ -99,10 +99,11 @@ func (a *Agent) advertiseOwn(ctx context.Context, obs *observation) error {
 		return fmt.Errorf("%w: NVIDIA's device plugin runs on this node (%s) while the agent is its device plugin: both would serve the same resource names, and kubelet takes the last to register; label the node nvidia.com/gpu.deploy.device-plugin=false (GPU Operator) or remove that plugin; the agent advertises nothing until then",
 			errTwoPlugins, strings.Join(pods, ", "))
 	}
-	devices := ownDevices(obs.gpus, nil)
 	if a.cfg.CDI != nil {
+		// Every slice that exists keeps its spec, a withdrawn one too:
+		// its holder's container may be restarted.
 		var ids []string
-		for _, ds := range devices {
+		for _, ds := range ownDevices(obs.gpus) {
 			for _, d := range ds {
 				ids = append(ids, d.ID)
 			}
@@ -111,7 +112,8 @@ func (a *Agent) advertiseOwn(ctx context.Context, obs *observation) error {
 			return fmt.Errorf("%w: %w", errCDI, err)
 		}
 	}
-	a.cfg.Plugin.Set(devices)
+	shown := except(obs.gpus, a.withdrawn)
+	a.cfg.Plugin.Set(ownDevices(shown))
 	if obs.kubeletErr != nil {
 		node, err := a.node()
 		if err == nil && allocatableDiff(node, advertisable(obs.gpus)) == "" {
@@ -128,7 +130,7 @@ func (a *Agent) advertiseOwn(ctx context.Context, obs *observation) error {
 			missing = err.Error()
 			return false, nil
 		}
-		missing, confirmed = identityDiff(allocatable, obs.gpus), allocatable
+		missing, confirmed = identityDiff(allocatable, shown), allocatable
 		return missing == "", nil
 	})
 	if err != nil {
@@ -139,22 +141,56 @@ func (a *Agent) advertiseOwn(ctx context.Context, obs *observation) error {
 	return nil
 }
 
-// withdraw stops advertising a slice about to be destroyed, with those
-// withdrawn before it, and waits until kubelet can no longer allocate it:
-// from then on kubelet gives it to no pod. A slice without a MIG UUID was
-// never advertised.
-func (a *Agent) withdraw(ctx context.Context, st Step, observed []Observed, withdrawn map[string]bool) error {
-	s, ok := observedSlice(st, observed)
-	if !ok || s.UUID == "" {
+// withdraw stops advertising every slice the steps destroy, at once,
+// adding them to a.withdrawn, and waits until kubelet can allocate none of
+// them: from then on kubelet gives them to no pod, and every slice it can
+// allocate is one the plan keeps or creates. A slice without a MIG UUID
+// was never advertised. The error names the slices kubelet still offers.
+func (a *Agent) withdraw(ctx context.Context, steps []Step, observed []Observed) error {
+	going := map[string]ObservedSlice{}
+	for _, st := range steps {
+		if s, ok := observedSlice(st, observed); ok && st.Kind == Destroy && s.UUID != "" {
+			going[s.UUID] = s
+			a.withdrawn[s.UUID] = true
+		}
+	}
+	if len(going) == 0 {
 		return nil
 	}
-	withdrawn[s.UUID] = true
-	a.cfg.Plugin.Set(ownDevices(observed, withdrawn))
-	r := s.Profile.ResourceName()
-	return wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
+	a.cfg.Plugin.Set(ownDevices(except(observed, a.withdrawn)))
+	var offered []string
+	err := wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
 		allocatable, err := a.kubelet.Allocatable(ctx, mig.ResourcePrefix)
-		return err == nil && !slices.Contains(allocatable[r], s.UUID), nil
+		if err != nil {
+			offered = []string{fmt.Sprintf("the slices (PodResources: %v)", err)}
+			return false, nil
+		}
+		offered = nil
+		for id, s := range going {
+			if slices.Contains(allocatable[s.Profile.ResourceName()], id) {
+				offered = append(offered, s.Slice.Slice.String())
+			}
+		}
+		return len(offered) == 0, nil
 	})
+	if err != nil {
+		sort.Strings(offered)
+		return fmt.Errorf("kubelet still offers %s after it was withdrawn", strings.Join(offered, ", "))
+	}
+	return nil
+}
+
+// except is observed without the slices whose MIG UUIDs are in ids.
+func except(observed []Observed, ids map[string]bool) []Observed {
+	if len(ids) == 0 {
+		return observed
+	}
+	out := make([]Observed, len(observed))
+	for i, o := range observed {
+		out[i] = o
+		out[i].Slices = slices.DeleteFunc(slices.Clone(o.Slices), func(s ObservedSlice) bool { return ids[s.UUID] })
+	}
+	return out
 }
 
 // observedSlice finds the observed slice a step is about.

@@ -54,6 +54,28 @@ func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out out
 	return st, events
 }
 
+// progress reports, while a plan is applied in agent mode, the slices
+// that exist and which of them kubelet can allocate, and that the plan's
+// destroys are withdrawn (applyingPlanID): the scheduler binds pods to
+// the slices advertised so far instead of waiting for the whole plan.
+// The conditions stay; a failure only delays the report to the sync's end.
+func (a *Agent) progress(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node) {
+	logger := klog.FromContext(ctx)
+	obs, err := a.observe(ctx)
+	if err == nil {
+		err = a.advertiseOwn(ctx, &obs)
+	}
+	if err == nil {
+		st := np.Status.DeepCopy()
+		st.GPUs, _ = gpuStatuses(node, obs.gpus, obs.allocatable)
+		st.ApplyingPlanID = np.Spec.PlanID
+		err = a.writeStatus(ctx, np, *st)
+	}
+	if err != nil {
+		logger.V(2).Info("no progress report mid-plan", "err", err)
+	}
+}
+
 // markRestarting writes DevicePluginRestarting=True before the agent
 // restarts the device plugin, or stops with its own (agent mode); the
 // sync's report (the next agent's, after a stop) sets it False again.

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -437,7 +438,7 @@ func TestApplyRechecksBeforeDestroy(t *testing.T) {
 	observed := []Observed{{GPU: gpu.GPU{Index: 0}, Slices: []ObservedSlice{{Slice: s}}}}
 	a := &Agent{lib: lib, kubelet: fakeKubelet{devices: podresources.Devices{Used: map[string]string{s.UUID: "team/just-admitted"}}}, podLister: podLister(t)}
 	_, ctx := ktesting.NewTestContext(t)
-	out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed)
+	out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed, nil)
 	assert.Empty(t, out.steps)
 	assert.Equal(t, []Conflict{{0, ReasonSliceInUse, "gpu 0: not changed: 1g.10gb@0 is used by pod team/just-admitted"}}, out.conflicts)
 	assert.Equal(t, []mig.Slice{s.Slice}, sim.Layout(0), "nothing destroyed, nothing created on that GPU")
@@ -476,32 +477,42 @@ func (k kubeletFollows) Allocatable(context.Context, string) (map[string][]strin
 	return out, nil
 }
 
-// In agent mode a slice is withdrawn from kubelet before it is destroyed:
-// the agent sends the list without it and destroys it only once kubelet
-// no longer offers it; if kubelet keeps offering it, nothing on that GPU
-// changes.
+// In agent mode every slice a plan destroys is withdrawn from kubelet
+// before anything changes: the agent sends the list without them and goes
+// on only once kubelet no longer offers them; then it reports progress
+// (the scheduler may bind to what kubelet can allocate), and again after
+// each slice it creates. If kubelet keeps offering a slice, nothing on its
+// GPU changes and no progress is reported: the scheduler keeps waiting
+// for the whole plan.
 func TestWithdrawBeforeDestroy(t *testing.T) {
 	for _, stuck := range []bool{false, true} {
 		sim, lib, s := oneSlice(t)
 		observed := []Observed{{GPU: gpu.GPU{Index: 0}, Profiles: []mig.Profile{{Name: mig.MustParseProfile("1g.10gb")}}, Slices: []ObservedSlice{{Slice: s}}}}
 		p := &fakePlugin{stuck: stuck}
-		p.Set(ownDevices(observed, nil))
+		p.Set(ownDevices(observed))
 		a := &Agent{lib: lib, kubelet: kubeletFollows{fakeKubelet{}, p}, podLister: podLister(t),
 			cfg: Config{Plugin: p, DevicePluginTimeout: 300 * time.Millisecond}}
 		_, ctx := ktesting.NewTestContext(t)
-		out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed)
+		var progress []string // the layout at each progress report
+		out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed, func(context.Context) {
+			progress = append(progress, fmt.Sprint(sim.Layout(0)))
+		})
 		require.Len(t, p.sets, 2)
 		assert.Equal(t, map[string][]deviceplugin.Device{"nvidia.com/mig-1g.10gb": nil}, p.sets[1], "withdrawn: the resource stays, without the slice")
+		assert.Nil(t, a.withdrawn, "nothing withdrawn once the plan is applied")
 		if stuck {
 			assert.Empty(t, out.steps)
 			require.Len(t, out.conflicts, 1)
 			assert.Equal(t, ReasonKubeletUnreachable, out.conflicts[0].Reason)
-			assert.Contains(t, out.conflicts[0].Message, "gpu 0: not changed: kubelet still offers 1g.10gb@0 after it was withdrawn")
+			assert.Equal(t, "gpu 0: not changed: kubelet still offers 1g.10gb@0 after it was withdrawn", out.conflicts[0].Message)
 			assert.Equal(t, []mig.Slice{s.Slice}, sim.Layout(0), "not destroyed")
+			assert.Empty(t, progress, "no progress while kubelet may hand out a slice the plan destroys")
 			continue
 		}
 		assert.Len(t, out.steps, 2)
 		assert.Equal(t, []mig.Slice{sl("3g.40gb", 4)}, sim.Layout(0))
+		assert.Equal(t, []string{fmt.Sprint([]mig.Slice{s.Slice}), fmt.Sprint([]mig.Slice{sl("3g.40gb", 4)})}, progress,
+			"once the destroys are withdrawn, before anything changes; then after the create")
 	}
 }
 
@@ -532,13 +543,13 @@ func TestOwnDevices(t *testing.T) {
 	o := a100(t, 0, have("3g.40gb", 4, ""), noCI)
 	off := Observed{GPU: gpu.GPU{Index: 1, UUID: "GPU-off"}}
 	pending := Observed{GPU: gpu.GPU{Index: 2, UUID: "GPU-pending", MIG: gpu.MIGMode{Pending: true}}}
-	got := ownDevices([]Observed{o, off, pending}, map[string]bool{})
+	got := ownDevices([]Observed{o, off, pending})
 	assert.Equal(t, []deviceplugin.Device{{ID: "MIG-3g.40gb", CDIName: "dynamig.io/gpu=MIG-3g.40gb"}}, got["nvidia.com/mig-3g.40gb"])
 	assert.Contains(t, got, "nvidia.com/mig-1g.10gb", "registered without devices: its slice has no compute instance")
 	assert.Empty(t, got["nvidia.com/mig-1g.10gb"])
 	assert.Contains(t, got, "nvidia.com/mig-7g.80gb", "every offered profile")
 	assert.Equal(t, []deviceplugin.Device{{ID: "GPU-off", CDIName: "dynamig.io/gpu=GPU-off"}}, got["nvidia.com/gpu"])
-	assert.Empty(t, ownDevices([]Observed{o}, map[string]bool{"MIG-3g.40gb": true})["nvidia.com/mig-3g.40gb"], "withdrawn")
+	assert.Empty(t, ownDevices(except([]Observed{o}, map[string]bool{"MIG-3g.40gb": true}))["nvidia.com/mig-3g.40gb"], "withdrawn")
 }
 
 // The status marks a slice advertised only when kubelet lists its MIG UUID

@@ -50,6 +50,11 @@ type Node struct {
 	// before the kubelet's next node-status update shows them.
 	AgentAdvertises bool
 	Advertised      map[string]int64
+	// Applying is true while the agent of a node in agent mode applies the
+	// in-flight plan with its destroys withdrawn from kubelet
+	// (status.applyingPlanID): every slice kubelet can allocate is one the
+	// plan keeps or creates.
+	Applying bool
 	// GPUs are the GPUs the status reports, in index order.
 	GPUs []GPU
 	// Used counts the slices a container holds.
@@ -115,6 +120,7 @@ func Decode(np *v1alpha1.NodePartition) *Node {
 	n.InFlight = np.Spec.PlanID != "" && np.Spec.PlanID != np.Status.ObservedPlanID
 	n.Restarting = meta.IsStatusConditionTrue(np.Status.Conditions, v1alpha1.ConditionRestarting)
 	n.AgentAdvertises = np.Status.DevicePlugin == v1alpha1.DevicePluginAgent
+	n.Applying = n.InFlight && n.AgentAdvertises && np.Status.ApplyingPlanID == np.Spec.PlanID
 	n.Advertised = map[string]int64{}
 	if t, err := time.Parse(time.RFC3339Nano, np.Annotations[PlanTimeAnnotation]); err == nil {
 		n.PlanTime = t

@@ -75,7 +75,9 @@ func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil 
 // causes.
 //
 // It also rejects every MIG pod on a node whose published plan is not
-// applied yet, or whose agent restarts the device plugin. The kubelet, not
+// applied yet — unless the node is in agent mode and its agent reports
+// the plan's destroys withdrawn from kubelet (then the slices advertised
+// so far count) — or whose agent restarts the device plugin. The kubelet, not
 // the scheduler, picks the device a pod gets, from all the device plugin
 // still advertises — slices the plan is about to destroy included; and
 // the agent restarts the NVIDIA device plugin to apply the plan, during
@@ -93,7 +95,7 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	part := p.partitions.get(node.Name)
 	if part != nil && !guard.Off(guard.InFlight) {
 		switch {
-		case part.InFlight:
+		case part.InFlight && !part.Applying:
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", s.demand, node.Name, part.PlanID))
 		case part.Restarting:
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s: the device plugin is restarting", s.demand, node.Name))

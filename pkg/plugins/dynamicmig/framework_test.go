@@ -381,8 +381,10 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 
 // In agent mode Filter counts the slices the agent reports kubelet can
 // allocate, not Node allocatable, which shows them only at kubelet's next
-// node-status update; a slice kubelet cannot allocate yet does not count.
-// In restart mode Node allocatable decides, as before.
+// node-status update; a slice kubelet cannot allocate yet does not count,
+// and neither does any while a plan is in flight whose destroys kubelet
+// may still hand out. In restart mode Node allocatable decides, and a
+// plan in flight keeps every MIG pod off the node, as before.
 func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
 	advertised := builders.Free("1g.10gb", 1)
 	advertised.Advertised = true
@@ -409,4 +411,17 @@ func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
 	st := filter(two)
 	assert.Equal(t, fwk.Unschedulable, st.Code(), "the second 1g.10gb exists but kubelet cannot allocate it yet")
 	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
+
+	// A plan in flight: nothing binds until the agent reports its destroys
+	// withdrawn (applyingPlanID); then the slices advertised so far count.
+	np.Spec.PlanID = "p-2"
+	st = filter(one)
+	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Contains(t, st.Message(), "being repartitioned (plan p-2 not applied yet)")
+	np.Status.ApplyingPlanID = "p-1"
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "the agent applies an older plan")
+	np.Status.ApplyingPlanID = "p-2"
+	assert.True(t, filter(one).IsSuccess(), "p-2's destroys are withdrawn; 1g.10gb@1 is advertised")
+	np.Status.DevicePlugin = v1alpha1.DevicePluginNVIDIA
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "restart mode waits for the whole plan")
 }

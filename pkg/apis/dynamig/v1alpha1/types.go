@@ -75,6 +75,13 @@ type NodePartitionStatus struct {
 	// +optional
 	ObservedPlanID string `json:"observedPlanID,omitempty"`
 
+	// ApplyingPlanID is the spec.planID the agent is applying in agent
+	// mode, once kubelet can no longer allocate any slice it destroys:
+	// from then on the scheduler may bind pods to the slices marked
+	// advertised before the whole plan is applied.
+	// +optional
+	ApplyingPlanID string `json:"applyingPlanID,omitempty"`
+
 	// ObservedGeneration is the metadata.generation the agent last acted on.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
