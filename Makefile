@@ -93,17 +93,19 @@ test-e2e: control-plane ## Run the end-to-end tests on the local cluster (part o
 
 COMPAT_VERSIONS ?= 1.34 1.35 1.36
 .PHONY: test-compat
-test-compat: control-plane ## Run the seed and a day in the life (examples/day.yaml) on older control planes (COMPAT_VERSIONS, default 1.34 1.35 1.36), built from test/compat/k8s-<version>.
+test-compat: control-plane ## Run the seed in both device-plugin modes and a day in the life (examples/day.yaml, agent mode) on older control planes (COMPAT_VERSIONS, default 1.34 1.35 1.36), built from test/compat/k8s-<version>.
 	$(GO) build -o $(BIN)/ ./cmd/dynamig-local
 	for v in $(COMPAT_VERSIONS); do \
-		echo "== Kubernetes $$v: the seed"; $(BIN)/dynamig-local --kubernetes-version $$v || exit 1; \
-		echo "== Kubernetes $$v: a day in the life"; $(BIN)/dynamig-local --kubernetes-version $$v --time-scale 1440 examples/day.yaml || exit 1; \
+		for m in agent nvidia; do \
+			echo "== Kubernetes $$v, device plugin $$m: the seed"; $(BIN)/dynamig-local --kubernetes-version $$v --device-plugin $$m || exit 1; \
+		done; \
+		echo "== Kubernetes $$v, device plugin agent: a day in the life"; $(BIN)/dynamig-local --kubernetes-version $$v --time-scale 1440 examples/day.yaml || exit 1; \
 	done
 
 RUNS ?= 1000
 SEED ?= 1
 .PHONY: soak
-soak: control-plane ## Randomized soak on the local cluster: RUNS scenarios (default 1000) from SEED, faults (FAULTS=a,b to pick) at random moments, invariants checked after each; GUARDS_OFF=<guard> builds a test binary without that guard (docs/reliability.md); DEVICE_PLUGIN=agent for nodes in agent mode.
+soak: control-plane ## Randomized soak on the local cluster: RUNS scenarios (default 1000) from SEED, faults (FAULTS=a,b to pick) at random moments, invariants checked after each; GUARDS_OFF=<guard> builds a test binary without that guard (docs/reliability.md); DEVICE_PLUGIN=nvidia for nodes in restart mode (default: agent mode).
 	DYNAMIG_GUARDS_OFF=$(GUARDS_OFF) $(GO) run $(if $(GUARDS_OFF),-tags dynamig_unsafe) ./cmd/dynamig-local --soak $(RUNS) --soak-seed $(SEED) $(if $(FAULTS),--soak-faults $(FAULTS)) $(if $(DEVICE_PLUGIN),--device-plugin $(DEVICE_PLUGIN))
 
 .PHONY: demo

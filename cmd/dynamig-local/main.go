@@ -42,7 +42,7 @@ func main() {
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
 	soakFaults := fs.String("soak-faults", "", "soak: the faults runs pick from, comma-separated (default all: "+strings.Join(local.SoakFaults, ",")+")")
 	soakSeed := fs.Uint64("soak-seed", 1, "soak: the first run's seed (run i uses seed+i; a failing seed reruns with --soak 1 --soak-seed S)")
-	fs.StringVar(&o.DevicePlugin, "device-plugin", local.DevicePluginNVIDIA, "who advertises the nodes' GPU resources: nvidia (a stand-in for NVIDIA's device plugin, restarted by the agent after every change) or agent (the agent's own device plugin)")
+	fs.StringVar(&o.DevicePlugin, "device-plugin", local.DevicePluginAgent, "who advertises the nodes' GPU resources: agent (the agent's own device plugin) or nvidia (a stand-in for NVIDIA's device plugin, restarted by the agent after every change)")
 	fs.StringVar(&o.KubernetesVersion, "kubernetes-version", "", "run kube-apiserver, kube-controller-manager and kubelet of this older Kubernetes release ("+strings.Join(local.OlderVersions, ", ")+"; default "+local.Version()+", this module's), built from test/compat/k8s-<version>")
 	build := fs.String("build-control-plane", "", "only build etcd, kube-apiserver, kube-controller-manager and kubelet into this directory (make control-plane; with --kubernetes-version, that release's into DIR/k8s-<version>)")
 	verbosity := fs.Int("v", 2, "log verbosity of the scheduler and agents in dynamig.log (5: every decision)")
