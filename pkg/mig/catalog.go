@@ -140,9 +140,11 @@ var catalog = []*Model{
 		Profiles: family7("1g.12gb", "1g.24gb", "2g.24gb", "3g.47gb", "4g.47gb", "7g.94gb"),
 	},
 	{
+		// Profiles, counts and placements as an H200 (0x2335, driver
+		// 580.159.04) lists them: nvidia-smi mig -lgip / -lgipp, 2026-11-30.
 		Name: "H200-141GB", Aliases: []string{"H200"},
 		NVMLNames: []string{"NVIDIA H200", "NVIDIA H200 NVL"}, PCIDeviceIDs: []uint32{0x233510DE, 0x233B10DE},
-		MemoryMiB: 143771, ComputeSlices: 7, MemorySlices: 8, PlacementsInferred: true,
+		MemoryMiB: 143771, ComputeSlices: 7, MemorySlices: 8,
 		Profiles: family7("1g.18gb", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb"),
 	},
 	{
