@@ -109,8 +109,12 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 		if part != nil && part.AgentAdvertises {
 			// The agent is the node's device plugin and says which
 			// slices kubelet can allocate; Node allocatable shows them
-			// only at kubelet's next node-status update.
-			have = part.Advertised[string(r)]
+			// only at kubelet's next node-status update. Devices kubelet
+			// holds unhealthy (capacity above allocatable: the plugin
+			// went, as when the agent crashed without a word) do not
+			// count, whatever the agent said last.
+			capacity := node.Status.Capacity[r]
+			have = part.Advertised[string(r)] - max(0, capacity.Value()-allocatable[r])
 		}
 		if have-requested[r] < int64(want) {
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))

@@ -408,6 +408,11 @@ func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
 	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "restart mode: Node allocatable has no 1g.10gb")
 	np.Status.DevicePlugin = v1alpha1.DevicePluginAgent
 	assert.True(t, filter(one).IsSuccess(), "agent mode: one 1g.10gb is advertised")
+	node.Status.Capacity = v1.ResourceList{"nvidia.com/mig-1g.10gb": resource.MustParse("1")}
+	ni.SetNode(node)
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "kubelet holds the device unhealthy: its plugin went (the agent crashed)")
+	node.Status.Capacity = nil
+	ni.SetNode(node)
 	st := filter(two)
 	assert.Equal(t, fwk.Unschedulable, st.Code(), "the second 1g.10gb exists but kubelet cannot allocate it yet")
 	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
