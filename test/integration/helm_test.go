@@ -128,22 +128,24 @@ func TestChartKubeVersion(t *testing.T) {
 // Bad input: a device-plugin mode the agent does not know fails the
 // render with a message that says which values are allowed.
 func TestChartRefusesAnUnknownDevicePluginMode(t *testing.T) {
-	chart, err := loader.Load(chartDir)
-	require.NoError(t, err)
-	vals, err := chartutil.ToRenderValues(chart, map[string]any{"devicePlugin": map[string]any{"mode": "both"}},
-		chartutil.ReleaseOptions{Name: "dynamig", Namespace: "dynamig-system", IsInstall: true}, chartutil.DefaultCapabilities)
-	require.NoError(t, err)
-	_, err = engine.Render(chart, vals)
+	_, err := render(t, map[string]any{"devicePlugin": map[string]any{"mode": "both"}})
 	assert.ErrorContains(t, err, `devicePlugin.mode must be nvidia or agent, got "both"`)
 }
 
-// renderChart renders the chart as `helm template dynamig -n dynamig-system` would.
-func (c *cluster) renderChart(t *testing.T, values map[string]any) []*unstructured.Unstructured {
+// render renders the chart's templates with values as `helm template
+// dynamig -n dynamig-system` would.
+func render(t *testing.T, values map[string]any) (map[string]string, error) {
+	t.Helper()
 	chart, err := loader.Load(chartDir)
 	require.NoError(t, err)
 	vals, err := chartutil.ToRenderValues(chart, values, chartutil.ReleaseOptions{Name: "dynamig", Namespace: "dynamig-system", IsInstall: true}, chartutil.DefaultCapabilities)
 	require.NoError(t, err)
-	out, err := engine.Render(chart, vals)
+	return engine.Render(chart, vals)
+}
+
+// renderChart renders the chart into objects.
+func (c *cluster) renderChart(t *testing.T, values map[string]any) []*unstructured.Unstructured {
+	out, err := render(t, values)
 	require.NoError(t, err)
 	var names []string
 	for n := range out {
@@ -177,11 +179,7 @@ func keys[V any](m map[string]V) []string {
 // it binds on the agent's word, before Node allocatable shows the slices,
 // which NodeResourcesFit would wait for.
 func TestSchedulerConfigsLeaveMIGResourcesToDynamicMIG(t *testing.T) {
-	chart, err := loader.Load(chartDir)
-	require.NoError(t, err)
-	vals, err := chartutil.ToRenderValues(chart, nil, chartutil.ReleaseOptions{Name: "dynamig", Namespace: "dynamig-system", IsInstall: true}, chartutil.DefaultCapabilities)
-	require.NoError(t, err)
-	out, err := engine.Render(chart, vals)
+	out, err := render(t, nil)
 	require.NoError(t, err)
 	var rendered map[string]any
 	require.NoError(t, yaml.Unmarshal([]byte(out["dynamig/templates/scheduler-config.yaml"]), &rendered))
