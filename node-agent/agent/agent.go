@@ -104,7 +104,10 @@ type Agent struct {
 	// UUIDs of the slices it destroys: the agent's plugin does not
 	// advertise them.
 	withdrawn map[string]bool
-	lastMsg   map[string]string // event key → last reason+message, for events on change only
+	// written is the NodePartition as the agent last wrote it, ahead of
+	// its informer until the watch delivers it (latest).
+	written *v1alpha1.NodePartition
+	lastMsg map[string]string // event key → last reason+message, for events on change only
 }
 
 const queueKey = "node"
@@ -350,7 +353,7 @@ func (a *Agent) sync(ctx context.Context) error {
 		}
 		applyDuration.WithLabelValues(result).Observe(time.Since(start).Seconds())
 	}
-	st, events := report(np, node, &obs, out, metav1.Now())
+	st, events := report(a.latest(np), node, &obs, out, metav1.Now())
 	a.emit(events)
 	if err := a.writeStatus(ctx, np, st); err != nil {
 		return err
@@ -361,7 +364,7 @@ func (a *Agent) sync(ctx context.Context) error {
 
 // hold reports what exists and why the agent waits, and returns errWait.
 func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, why string) error {
-	st, events := report(np, node, &obs, outcome{wait: why}, metav1.Now())
+	st, events := report(a.latest(np), node, &obs, outcome{wait: why}, metav1.Now())
 	a.emit(events)
 	if err := a.writeStatus(ctx, np, st); err != nil {
 		return err

@@ -66,7 +66,7 @@ func (a *Agent) progress(ctx context.Context, np *v1alpha1.NodePartition, node *
 		err = a.advertiseOwn(ctx, &obs)
 	}
 	if err == nil {
-		st := np.Status.DeepCopy()
+		st := a.latest(np).Status.DeepCopy()
 		st.GPUs, _ = gpuStatuses(node, obs.gpus, obs.allocatable)
 		st.ApplyingPlanID = np.Spec.PlanID
 		err = a.writeStatus(ctx, np, *st)
@@ -84,7 +84,7 @@ func (a *Agent) markRestarting(ctx context.Context, np *v1alpha1.NodePartition) 
 	if a.cfg.Plugin != nil {
 		msg = "the agent, this node's device plugin, is stopping: kubelet has no GPU device plugin until it is back; no MIG pod is bound to the node meanwhile"
 	}
-	st := np.Status.DeepCopy()
+	st := a.latest(np).Status.DeepCopy()
 	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionTrue,
 		Reason: ReasonRestarting, ObservedGeneration: np.Generation, LastTransitionTime: metav1.Now(), Message: msg})
 	return a.writeStatus(ctx, np, *st)
@@ -227,7 +227,7 @@ func nodeRef(node *v1.Node) *v1.ObjectReference {
 // fail reports a failure to retry, keeping the last reported GPUs: it
 // emits the Failed condition's event, writes the status, and returns err.
 func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, conflicts []Conflict, reason string, err error) error {
-	st, events := report(np, node, nil, outcome{conflicts: conflicts, err: err, reason: reason}, metav1.Now())
+	st, events := report(a.latest(np), node, nil, outcome{conflicts: conflicts, err: err, reason: reason}, metav1.Now())
 	a.emit(events)
 	if werr := a.writeStatus(ctx, np, st); werr != nil {
 		klog.FromContext(ctx).Error(werr, "writing the NodePartition status")
@@ -235,8 +235,18 @@ func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, node *v1.N
 	return err
 }
 
+// latest is the newer of np (the informer's copy) and the object the
+// agent last wrote: a sync that wrote mid-plan (progress) compares and
+// builds on what it wrote, not on the copy it started from.
+func (a *Agent) latest(np *v1alpha1.NodePartition) *v1alpha1.NodePartition {
+	if w := a.written; w != nil && w.UID == np.UID && partition.Newer(w.ObjectMeta, np.ObjectMeta) {
+		return w
+	}
+	return np
+}
+
 // writeStatus updates the status subresource, with who advertises the
-// node's GPU resources, if it changed. The status
+// node's GPU resources, if it differs from the latest known one. The status
 // is what the agent observed, true whatever the spec became meanwhile, so
 // a write conflict is retried at once on the fresh object.
 func (a *Agent) writeStatus(ctx context.Context, np *v1alpha1.NodePartition, st v1alpha1.NodePartitionStatus) error {
@@ -244,14 +254,17 @@ func (a *Agent) writeStatus(ctx context.Context, np *v1alpha1.NodePartition, st 
 	if a.cfg.Plugin != nil {
 		st.DevicePlugin = v1alpha1.DevicePluginAgent
 	}
-	if equality.Semantic.DeepEqual(np.Status, st) {
+	current := a.latest(np)
+	if equality.Semantic.DeepEqual(current.Status, st) {
 		return nil
 	}
-	current := np
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		updated := current.DeepCopy()
 		updated.Status = st
-		_, err := a.partitions.UpdateStatus(ctx, updated, metav1.UpdateOptions{FieldManager: "dynamig-agent"})
+		written, err := a.partitions.UpdateStatus(ctx, updated, metav1.UpdateOptions{FieldManager: "dynamig-agent"})
+		if err == nil {
+			a.written = written
+		}
 		if apierrors.IsConflict(err) {
 			fresh, gerr := a.partitions.Get(ctx, np.Name, metav1.GetOptions{})
 			if gerr != nil {

@@ -24,6 +24,7 @@ import (
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	dynamigfake "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/fake"
 	"github.com/dynamig/dynamig/pkg/mig"
 )
 
@@ -567,4 +568,23 @@ func TestStatusSaysWhichSlicesKubeletCanAllocate(t *testing.T) {
 		advertised[s.Profile] = s.Advertised
 	}
 	assert.Equal(t, map[string]bool{"1g.10gb": false, "3g.40gb": true}, advertised)
+}
+
+// A sync that reported mid-plan (progress) compares its final status with
+// what it wrote, not with the copy it started from: a final status equal
+// to that older copy is still written, and no write needs a conflict.
+func TestStatusBuildsOnWhatTheAgentWrote(t *testing.T) {
+	start := &v1alpha1.NodePartition{ObjectMeta: metav1.ObjectMeta{Name: "node-a", UID: "np-uid"},
+		Status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", DevicePlugin: v1alpha1.DevicePluginAgent}}
+	client := dynamigfake.NewSimpleClientset(start.DeepCopy())
+	a := &Agent{partitions: client.DynamigV1alpha1().NodePartitions(), cfg: Config{Plugin: &fakePlugin{}}}
+	_, ctx := ktesting.NewTestContext(t)
+
+	mid := start.Status.DeepCopy()
+	mid.ApplyingPlanID = "p-2"
+	require.NoError(t, a.writeStatus(ctx, start, *mid))
+	require.NoError(t, a.writeStatus(ctx, start, start.Status), "back to the status the sync started from")
+	got, err := client.DynamigV1alpha1().NodePartitions().Get(ctx, "node-a", metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, start.Status, got.Status, "the mid-plan report does not linger")
 }

@@ -18,9 +18,11 @@ import (
 	"maps"
 	"slices"
 	"sort"
+	"strconv"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
@@ -263,4 +265,13 @@ func EncodeGPU(index int, uuid, model string, mode v1alpha1.MIGMode, profiles []
 
 func apiSlice(s mig.Slice) v1alpha1.Slice {
 	return v1alpha1.Slice{Profile: s.Profile.String(), Start: int32(s.Start)}
+}
+
+// Newer reports whether a is a later version of the same object than b.
+// The API server's resourceVersions are opaque, but etcd's are integers
+// that grow; anything else counts as newer, as a watch would deliver it.
+func Newer(a, b metav1.ObjectMeta) bool {
+	ra, errA := strconv.ParseUint(a.ResourceVersion, 10, 64)
+	rb, errB := strconv.ParseUint(b.ResourceVersion, 10, 64)
+	return errA != nil || errB != nil || ra > rb
 }

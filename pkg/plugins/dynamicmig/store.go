@@ -3,7 +3,6 @@ package dynamicmig
 import (
 	"context"
 	"fmt"
-	"strconv"
 	"sync"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -79,7 +78,7 @@ func (p *partitions) store(np *v1alpha1.NodePartition) (old, n *partition.Node) 
 	p.mu.RLock()
 	old = p.nodes[np.Name]
 	p.mu.RUnlock()
-	if old != nil && old.Object.UID == np.UID && !newer(np.ObjectMeta, old.Object.ObjectMeta) {
+	if old != nil && old.Object.UID == np.UID && !partition.Newer(np.ObjectMeta, old.Object.ObjectMeta) {
 		return old, nil
 	}
 	n = partition.Decode(np)
@@ -90,15 +89,6 @@ func (p *partitions) store(np *v1alpha1.NodePartition) (old, n *partition.Node) 
 	}
 	p.nodes[np.Name] = n
 	return old, n
-}
-
-// newer reports whether a is a later version of the object than b. The
-// API server's resourceVersions are opaque, but etcd's are integers that
-// grow; anything else counts as newer, as the watch would deliver it.
-func newer(a, b metav1.ObjectMeta) bool {
-	ra, errA := strconv.ParseUint(a.ResourceVersion, 10, 64)
-	rb, errB := strconv.ParseUint(b.ResourceVersion, 10, 64)
-	return errA != nil || errB != nil || ra > rb
 }
 
 func (p *partitions) synced() bool { return p.informer.HasSynced() }
