@@ -41,6 +41,7 @@ func main() {
 	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
 	soakFaults := fs.String("soak-faults", "", "soak: the faults runs pick from, comma-separated (default all: "+strings.Join(local.SoakFaults, ",")+")")
+	soakParallel := fs.Int("soak-parallel", 1, "soak: split the runs over this many processes, each with a cluster of its own and a contiguous range of the seeds (a run takes about a fifth of a core)")
 	soakSeed := fs.Uint64("soak-seed", 1, "soak: the first run's seed (run i uses seed+i; a failing seed reruns with --soak 1 --soak-seed S)")
 	fs.StringVar(&o.DevicePlugin, "device-plugin", local.DevicePluginAgent, "who advertises the nodes' GPU resources: agent (the agent's own device plugin) or nvidia (a stand-in for NVIDIA's device plugin, restarted by the agent after every change)")
 	fs.StringVar(&o.KubernetesVersion, "kubernetes-version", "", "run kube-apiserver, kube-controller-manager and kubelet of this older Kubernetes release ("+strings.Join(local.OlderVersions, ", ")+"; default "+local.Version()+", this module's), built from test/compat/k8s-<version>")
@@ -85,6 +86,21 @@ func main() {
 		klog.LogToStderr(false)
 		klog.SetOutput(io.Discard)
 		if err := local.Bench(ctx, b, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if *soak > 0 && *soakParallel > 1 {
+		exe, err := os.Executable()
+		if err == nil {
+			var violations int
+			violations, err = local.SoakInProcesses(ctx, exe, os.Args[1:], o.Dir, *soak, *soakSeed, *soakParallel, os.Stdout)
+			if err == nil && violations > 0 {
+				os.Exit(1)
+			}
+		}
+		if err != nil {
 			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
 			os.Exit(1)
 		}

@@ -182,7 +182,7 @@ type decision struct {
 // layout: 3g.40gb does not exist on A100-40GB (…)"); Diff turns the rest
 // into steps and conflicts, destroying only when kubelet answered.
 func decide(np *v1alpha1.NodePartition, obs observation) decision {
-	if refusedPlan(np) && !guard.Off(guard.Refused) {
+	if Refused(np) && !guard.Off(guard.Refused) {
 		return decision{refused: true}
 	}
 	layouts, specErrs := partition.DesiredLayouts(np)
@@ -214,9 +214,10 @@ func notAdmitted(pods []string) string {
 	return fmt.Sprintf("pod %s, bound to the node, is not admitted by kubelet yet; waiting for it", strings.Join(pods, ", "))
 }
 
-// refusedPlan reports whether the spec's plan is one the agent refused:
-// observed, with Failed true for a reason only a new plan can fix.
-func refusedPlan(np *v1alpha1.NodePartition) bool {
+// Refused reports whether the spec's plan is one the agent refused:
+// observed, with Failed true for a reason only a new plan can fix. The
+// agent never pursues such a plan (guard refused-plan).
+func Refused(np *v1alpha1.NodePartition) bool {
 	if np.Spec.PlanID == "" || np.Status.ObservedPlanID != np.Spec.PlanID {
 		return false
 	}

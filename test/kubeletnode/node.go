@@ -225,9 +225,9 @@ func (n *Node) watchPods() {
 	f.Start(n.ctx.Done())
 }
 
-// admissionFailure reports whether kubelet rejected a pod at admission for
+// RejectedForMIG reports whether kubelet rejected a pod at admission for
 // a reason a MIG device can cause.
-func admissionFailure(p *v1.Pod) bool {
+func RejectedForMIG(p *v1.Pod) bool {
 	if p.Status.Phase != v1.PodFailed {
 		return false
 	}
@@ -236,7 +236,7 @@ func admissionFailure(p *v1.Pod) bool {
 
 func (n *Node) observe(obj any) {
 	p, ok := obj.(*v1.Pod)
-	if !ok || !admissionFailure(p) {
+	if !ok || !RejectedForMIG(p) {
 		return
 	}
 	n.mu.Lock()

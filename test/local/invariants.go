@@ -23,6 +23,11 @@ import (
 // Each violation is one line naming the node, the device, the pods and
 // the times.
 func Violations(name string, sim *gpu.Simulator, n Node, expected ...string) []string {
+	return violations(name, sim, n, func(f nodesim.Failure) bool { return slices.Contains(expected, f.Pod) })
+}
+
+// violations is Violations with the failures letOff says are expected.
+func violations(name string, sim *gpu.Simulator, n Node, letOff func(nodesim.Failure) bool) []string {
 	var out []string
 	holds := n.Holds()
 	for _, op := range sim.Ops() {
@@ -46,7 +51,7 @@ func Violations(name string, sim *gpu.Simulator, n Node, expected ...string) []s
 		}
 	}
 	for _, f := range n.Failures() {
-		if f.Kind != nodesim.FailureNoDevice && !slices.Contains(expected, f.Pod) {
+		if f.Kind != nodesim.FailureNoDevice && !letOff(f) {
 			out = append(out, fmt.Sprintf("node %s: %s", name, f))
 		}
 	}

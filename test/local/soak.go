@@ -19,6 +19,7 @@ import (
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/pkg/partition"
 	"github.com/dynamig/dynamig/test/kubeletnode"
+	"github.com/dynamig/dynamig/test/nodesim"
 )
 
 // SoakOptions configure Soak.
@@ -57,15 +58,18 @@ var soakPool = []kubeletnode.Options{
 }
 
 // SoakFaults are what a run may inject, at a random moment of its burst.
-var SoakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart", "kubelet-restart", "allocate-slow"}
+// bound-by-hand creates a pod with spec.nodeName set, as users and other
+// controllers may: only the agent's rules stand between it and a slice a
+// plan destroys.
+var SoakFaults = []string{"none", "agent-killed", "nvml-create-fails", "device-plugin-slow", "scheduler-restart", "apiserver-restart", "kubelet-restart", "allocate-slow", "bound-by-hand"}
 
 // Soak runs random scenarios on the local cluster, one after another on the
 // same nodes: a burst of pods asking for random profiles of the nodes'
 // GPUs (one or two slices, running 0.5–4 s) and one fault at a random
 // moment. After each run it checks, from the simulators' own records,
 // that every pod ran and finished, no device was destroyed or handed out
-// twice while held, and no pod failed because of a MIG device
-// (Violations). It prints a line per run, with its seed and every
+// twice while held, no pod failed because of a MIG device (Violations),
+// and no GPU changed for a plan its agent had refused. It prints a line per run, with its seed and every
 // violation, and returns the number of violations.
 func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, error) {
 	if o.RunTimeout == 0 {
@@ -91,19 +95,25 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 		}
 		nodes = append(nodes, n)
 	}
+	plans := watchPlans(ctx, c)
 	reported := map[string]bool{}
+	var letOffs []func(nodesim.Failure) bool
 	total, failed := 0, 0
 	start := time.Now()
 	for i := range o.Runs {
 		seed := o.Seed + uint64(i)
 		t0 := time.Now()
-		desc, problems, err := soakRun(ctx, c, nodes, seed, o.RunTimeout, o.Faults)
+		desc, problems, letOff, err := soakRun(ctx, c, nodes, seed, o.RunTimeout, o.Faults)
 		if err != nil {
 			return total, fmt.Errorf("run %d (seed %d): %w", i+1, seed, err)
 		}
+		letOffs = append(letOffs, letOff)
 		problems = append(problems, halfApplied(ctx, c, nodes)...)
 		for _, n := range nodes {
-			for _, v := range Violations(n.Name, n.Sim, n) {
+			found := violations(n.Name, n.Sim, n, func(f nodesim.Failure) bool {
+				return slices.ContainsFunc(letOffs, func(l func(nodesim.Failure) bool) bool { return l(f) })
+			})
+			for _, v := range append(found, plans.pursued(n.Name, n.Sim.Ops(), t0)...) {
 				if !reported[v] {
 					reported[v] = true
 					problems = append(problems, v)
@@ -128,13 +138,14 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 	return total, nil
 }
 
-// soakRun runs the scenario of one seed: it returns what it did and the
-// pods that did not run and finish.
-func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed uint64, timeout time.Duration, faults []string) (string, []string, error) {
+// soakRun runs the scenario of one seed: it returns what it did, the pods
+// that did not run and finish, and which admission failures its fault
+// excuses.
+func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed uint64, timeout time.Duration, faults []string) (string, []string, func(nodesim.Failure) bool, error) {
 	r := rand.New(rand.NewPCG(seed, 0x50a4))
 	ns := fmt.Sprintf("soak-%d", seed)
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	defer func() {
 		_ = c.Kube.CoreV1().Pods(ns).DeleteCollection(context.WithoutCancel(ctx), metav1.DeleteOptions{}, metav1.ListOptions{})
@@ -152,7 +163,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 	if r.IntN(2) == 0 {
 		m, err := mig.ModelByName(soakPool[r.IntN(len(soakPool))].Models[0])
 		if err != nil {
-			return "", nil, err
+			return "", nil, nil, err
 		}
 		focus = []mig.Profile{m.Profiles[r.IntN(len(m.Profiles))], m.Profiles[r.IntN(len(m.Profiles))]}
 	}
@@ -165,7 +176,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 			opts := soakPool[r.IntN(len(soakPool))]
 			m, err := mig.ModelByName(opts.Models[r.IntN(len(opts.Models))])
 			if err != nil {
-				return "", nil, err
+				return "", nil, nil, err
 			}
 			prof = m.Profiles[r.IntN(len(m.Profiles))]
 		}
@@ -173,8 +184,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 		if prof.MaxCount > 1 && r.IntN(5) == 0 {
 			count = 2
 		}
-		name := fmt.Sprintf("p%d-%s", i, strings.NewReplacer(".", "-", "+", "-").Replace(prof.Name.String()))
-		p := Pod(name, map[string]int64{prof.Name.ResourceName(): count})
+		p := Pod(fmt.Sprintf("p%d-%s", i, dnsLabel(prof.Name)), map[string]int64{prof.Name.ResourceName(): count})
 		p.Namespace = ns
 		p.Spec.NodeSelector = map[string]string{"dynamig-soak": "true"}
 		RunFor(p, 0.5+3.5*r.Float64())
@@ -183,34 +193,47 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 	fault := faults[r.IntN(len(faults))]
 	faultAt := time.Duration(r.IntN(4000)) * time.Millisecond
 	victim := nodes[r.IntN(len(nodes))]
+	hand := handPod{ns: ns, pick: r.IntN(1 << 20), seconds: 0.5 + 3.5*r.Float64()}
 
 	begin := time.Now()
 	slices.SortFunc(pods, func(a, b arrival) int { return int(a.at - b.at) })
 	injected := false
+	injectNow := func() error {
+		time.Sleep(time.Until(begin.Add(faultAt)))
+		injected = true
+		if fault == "bound-by-hand" {
+			return hand.create(ctx, c, victim)
+		}
+		return inject(ctx, c, victim, fault)
+	}
 	for _, a := range pods {
 		if !injected && faultAt <= a.at {
-			time.Sleep(time.Until(begin.Add(faultAt)))
-			if err := inject(ctx, c, victim, fault); err != nil {
-				return "", nil, err
+			if err := injectNow(); err != nil {
+				return "", nil, nil, err
 			}
-			injected = true
 		}
 		time.Sleep(time.Until(begin.Add(a.at)))
 		if _, err := c.Kube.CoreV1().Pods(ns).Create(ctx, a.pod, metav1.CreateOptions{}); err != nil {
-			return "", nil, fmt.Errorf("creating pod %s: %w", a.pod.Name, err)
+			return "", nil, nil, fmt.Errorf("creating pod %s: %w", a.pod.Name, err)
 		}
 	}
 	if !injected {
-		time.Sleep(time.Until(begin.Add(faultAt)))
-		if err := inject(ctx, c, victim, fault); err != nil {
-			return "", nil, err
+		if err := injectNow(); err != nil {
+			return "", nil, nil, err
 		}
+	}
+	want := len(pods)
+	if hand.name != "" {
+		want++
 	}
 	what := fmt.Sprintf("%d pods", len(pods))
 	if focus != nil {
 		what += fmt.Sprintf(" of %s and %s", focus[0].Name, focus[1].Name)
 	}
 	desc := fmt.Sprintf("%s, fault %s on %s at %.1fs", what, fault, victim.Name, faultAt.Seconds())
+	if hand.name != "" {
+		desc += " (pod " + hand.name + ")"
+	}
 
 	var problems []string
 	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
@@ -226,16 +249,111 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 				done++
 			case v1.PodFailed:
 				done++
+				if kubeletnode.RejectedForMIG(&p) && hand.excuses(nodesim.Failure{Kind: nodesim.FailureAdmission, Pod: ns + "/" + p.Name, Reason: p.Status.Reason}) {
+					continue
+				}
 				problems = append(problems, fmt.Sprintf("pod %s/%s failed: %s %s", ns, p.Name, p.Status.Reason, p.Status.Message))
 			}
 		}
-		return done == len(pods), nil
+		return done == want, nil
 	})
 	if err != nil {
 		printPending(ctx, c, ns, &problemWriter{&problems})
 		problems = append(problems, fmt.Sprintf("pods of %s not all finished within %s", ns, timeout))
 	}
-	return desc, problems, nil
+	return desc, problems, hand.excuses, nil
+}
+
+// dnsLabel writes a profile name as a pod name may hold it.
+func dnsLabel(p mig.ProfileName) string {
+	return strings.NewReplacer(".", "-", "+", "-").Replace(p.String())
+}
+
+// handPod is the pod of a bound-by-hand fault. It asks for the profile of
+// a free slice on the node (of any slice, or any profile, if none is
+// free) so that kubelet may admit it, picked by pick, and kubelet's
+// Allocate is slowed for a while, as in allocate-slow: the pod is bound
+// but not admitted for seconds, and only the agent's admission rule keeps
+// a plan from destroying the slice kubelet is giving it.
+type handPod struct {
+	ns      string
+	pick    int
+	seconds float64
+	// Set once created.
+	name, resource string
+	node           *kubeletnode.Node
+	created        time.Time
+}
+
+func (h *handPod) create(ctx context.Context, c *Cluster, n *kubeletnode.Node) error {
+	np, err := c.Partition(ctx, n.Name)
+	if err != nil {
+		return err
+	}
+	var free, all []string
+	for _, g := range np.Status.GPUs {
+		for _, s := range g.Slices {
+			if !s.Used {
+				free = append(free, s.Profile)
+			}
+			all = append(all, s.Profile)
+		}
+		for _, p := range g.Profiles {
+			all = append(all, p.Name)
+		}
+	}
+	if len(free) == 0 {
+		free = all
+	}
+	if len(free) == 0 {
+		return fmt.Errorf("node %s reports no GPU profile", n.Name)
+	}
+	slices.Sort(free)
+	prof, err := mig.ParseProfile(free[h.pick%len(free)])
+	if err != nil {
+		return err
+	}
+	p := Pod("hand-"+dnsLabel(prof), map[string]int64{prof.ResourceName(): 1})
+	p.Namespace, p.Spec.NodeName = h.ns, n.Name
+	RunFor(p, h.seconds)
+	n.SetAllocateDelay(2 * time.Second)
+	go func() {
+		time.Sleep(5 * time.Second)
+		n.SetAllocateDelay(0)
+	}()
+	h.created = time.Now()
+	if _, err := c.Kube.CoreV1().Pods(h.ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("creating pod %s: %w", p.Name, err)
+	}
+	h.name, h.resource, h.node = p.Name, prof.ResourceName(), n
+	return nil
+}
+
+// excuses reports whether a failure is one a pod bound by hand may
+// cause without any fault of dynamig's:
+//   - kubelet rejecting it at admission (no free device, or the device
+//     plugin restarting when it came), or rejecting another pod of the
+//     run for the slice it took (OutOf<resource>; kube-scheduler's own
+//     resources race the same way);
+//   - in restart mode, its container given a device destroyed before the
+//     pod was created: NVIDIA's device plugin advertises a destroyed slice
+//     until the agent restarts it, and nothing keeps a pod that skips the
+//     scheduler from arriving in between (agent mode withdraws the slice
+//     first).
+func (h *handPod) excuses(f nodesim.Failure) bool {
+	if h.name == "" {
+		return false
+	}
+	ns, name, _ := strings.Cut(f.Pod, "/")
+	if ns != h.ns {
+		return false
+	}
+	if f.Kind == nodesim.FailureAdmission {
+		return name == h.name || f.Reason == "OutOf"+h.resource
+	}
+	return name == h.name && f.Device != "" && slices.ContainsFunc(h.node.Sim.Ops(), func(op gpu.Op) bool {
+		return op.Kind == "destroy-ci" && op.UUID == f.Device && op.Time.Before(h.created)
+	})
 }
 
 // halfApplied waits up to 30 s for every node to settle once its pods
