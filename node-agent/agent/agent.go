@@ -308,16 +308,8 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	var progress func(context.Context)
 	if a.cfg.Plugin != nil && len(d.steps) > 0 && np.Spec.PlanID != "" {
-		var last time.Time
-		progress = func(ctx context.Context) {
-			// Each report wakes the scheduler for the pods it may serve;
-			// slices that come faster are reported together.
-			if !last.IsZero() && time.Since(last) < progressEvery {
-				return
-			}
-			a.progress(ctx, np, node)
-			last = time.Now()
-		}
+		// Each report wakes the scheduler for the pods it may serve.
+		progress = func(ctx context.Context) { a.progress(ctx, np, node) }
 	}
 	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus, progress)
 	out.conflicts, out.refused = append(d.conflicts, out.conflicts...), d.refused

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
+	"time"
 
 	"k8s.io/klog/v2"
 
@@ -12,17 +14,19 @@ import (
 	"github.com/dynamig/dynamig/pkg/guard"
 )
 
-// apply runs the steps in order. In agent mode it first withdraws every
-// slice the steps destroy from kubelet (withdraw), then calls progress, if
-// set, once they are withdrawn and after each slice it creates: the
-// scheduler may bind pods to what kubelet can allocate from then on.
-// Before each destroy it asks kubelet again whether the slice is free;
-// NVML's IN_USE is the last guard. A slice found in use blocks the rest of
-// its GPU's steps (a conflict); any other failure stops the run, to be
-// retried. The outcome holds the steps that ran, those conflicts, and the
-// failure with its reason.
+// apply runs each GPU's steps in order, the GPUs side by side: NVML is
+// thread-safe and a GPU's instances are its own, so a plan's slices take
+// the time of its busiest GPU, not of all its slices. In agent mode it
+// first withdraws every slice the steps destroy from kubelet (withdraw),
+// then calls progress, if set, once they are withdrawn and as slices are
+// created, at most every progressEvery: the scheduler may bind pods to
+// what kubelet can allocate from then on. Before each destroy it asks
+// kubelet again whether the slice is free; NVML's IN_USE is the last
+// guard. A slice found in use blocks the rest of its GPU's steps (a
+// conflict); any other failure stops every GPU after its current step,
+// to be retried. The outcome holds the steps that ran, in the steps'
+// order, those conflicts, and the failure with its reason.
 func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, progress func(context.Context)) outcome {
-	logger := klog.FromContext(ctx)
 	blocked := map[int]bool{}
 	var out outcome
 	if a.cfg.Plugin != nil {
@@ -38,52 +42,130 @@ func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, pr
 			progress = nil // kubelet may still hand out a slice the plan destroys
 		}
 	}
-	if progress == nil {
-		progress = func(context.Context) {}
+	created := func() {}
+	if progress != nil {
+		progress(ctx)
+		var stop func()
+		created, stop = throttled(ctx, progress)
+		defer stop()
 	}
-	progress(ctx)
-	for _, st := range steps {
+	byGPU := map[int][]int{} // the indexes of each GPU's steps
+	var gpus []int
+	for i, st := range steps {
 		if blocked[st.GPU] {
 			continue
 		}
-		log := logger.WithValues("gpu", st.GPU, "profile", st.Slice.Profile.String(), "start", st.Slice.Start)
-		var err error
-		switch st.Kind {
-		case Destroy:
-			if who, err := a.recheck(ctx, st, observed); err != nil || who != "" {
-				msg := fmt.Sprintf("gpu %d: not changed: %s is used by pod %s", st.GPU, st.Slice, who)
-				reason := ReasonSliceInUse
-				if err != nil {
-					msg, reason = fmt.Sprintf("gpu %d: not changed: %s may be in use: %s", st.GPU, st.Slice, err), ReasonKubeletUnreachable
+		if _, ok := byGPU[st.GPU]; !ok {
+			gpus = append(gpus, st.GPU)
+		}
+		byGPU[st.GPU] = append(byGPU[st.GPU], i)
+	}
+	var (
+		mu        sync.Mutex
+		wg        sync.WaitGroup
+		done      = make([]bool, len(steps))
+		conflicts = map[int]Conflict{}
+	)
+	for _, g := range gpus {
+		wg.Go(func() {
+			for _, i := range byGPU[g] {
+				mu.Lock()
+				failed := out.err != nil
+				mu.Unlock()
+				if failed {
+					return
 				}
-				out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: reason, Message: msg})
-				blocked[st.GPU] = true
-				continue
+				conflict, err := a.step(ctx, steps[i], observed)
+				mu.Lock()
+				switch {
+				case conflict != nil:
+					conflicts[g] = *conflict
+				case err != nil && out.err == nil:
+					out.err, out.reason = err, ReasonNVMLError
+				case err == nil:
+					done[i] = true
+				}
+				mu.Unlock()
+				if conflict != nil || err != nil {
+					return
+				}
+				if steps[i].Kind == Create {
+					created()
+				}
 			}
-			err = a.lib.Destroy(st.GPU, st.Slice.Profile, st.Slice.Start)
-		case Create:
-			_, err = a.lib.Create(st.GPU, st.Slice.Profile, st.Slice.Start)
-		}
-		if err != nil {
-			nvmlErrors.WithLabelValues(string(st.Kind), gpu.Code(err)).Inc()
-		}
-		switch {
-		case err == nil:
-			log.V(2).Info("step done", "step", st.String())
+		})
+	}
+	wg.Wait()
+	for i, st := range steps {
+		if done[i] {
 			out.steps = append(out.steps, st)
-			if st.Kind == Create {
-				progress(ctx)
-			}
-		case errors.Is(err, gpu.ErrInUse):
-			out.conflicts = append(out.conflicts, Conflict{GPU: st.GPU, Reason: ReasonSliceInUse,
-				Message: fmt.Sprintf("gpu %d: not changed further: NVML says %s is in use (%s)", st.GPU, st.Slice, err)})
-			blocked[st.GPU] = true
-		default:
-			out.err, out.reason = fmt.Errorf("%s: %w", st, err), ReasonNVMLError
-			return out
+		}
+	}
+	for _, g := range gpus {
+		if c, ok := conflicts[g]; ok {
+			out.conflicts = append(out.conflicts, c)
 		}
 	}
 	return out
+}
+
+// step runs one step: a conflict if the slice to destroy is in use, an
+// error if NVML failed otherwise.
+func (a *Agent) step(ctx context.Context, st Step, observed []Observed) (*Conflict, error) {
+	var err error
+	switch st.Kind {
+	case Destroy:
+		if who, err := a.recheck(ctx, st, observed); err != nil || who != "" {
+			c := Conflict{GPU: st.GPU, Reason: ReasonSliceInUse, Message: fmt.Sprintf("gpu %d: not changed: %s is used by pod %s", st.GPU, st.Slice, who)}
+			if err != nil {
+				c.Reason, c.Message = ReasonKubeletUnreachable, fmt.Sprintf("gpu %d: not changed: %s may be in use: %s", st.GPU, st.Slice, err)
+			}
+			return &c, nil
+		}
+		err = a.lib.Destroy(st.GPU, st.Slice.Profile, st.Slice.Start)
+	case Create:
+		_, err = a.lib.Create(st.GPU, st.Slice.Profile, st.Slice.Start)
+	}
+	if err == nil {
+		klog.FromContext(ctx).V(2).Info("step done", "gpu", st.GPU, "step", st.String())
+		return nil, nil
+	}
+	nvmlErrors.WithLabelValues(string(st.Kind), gpu.Code(err)).Inc()
+	if errors.Is(err, gpu.ErrInUse) {
+		return &Conflict{GPU: st.GPU, Reason: ReasonSliceInUse, Message: fmt.Sprintf("gpu %d: not changed further: NVML says %s is in use (%s)", st.GPU, st.Slice, err)}, nil
+	}
+	return nil, fmt.Errorf("%s: %w", st, err)
+}
+
+// throttled runs report in the background when kicked, at most every
+// progressEvery: slices created in between are reported together, the
+// last of them when the wait is over. stop ends it and waits for a report
+// under way, so that no report follows the sync's own.
+func throttled(ctx context.Context, report func(context.Context)) (kick, stop func()) {
+	kicks, quit, finished := make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			select {
+			case <-kicks:
+			case <-quit:
+				return
+			}
+			report(ctx)
+			select {
+			case <-time.After(progressEvery):
+			case <-quit:
+				return
+			}
+		}
+	}()
+	kick = func() {
+		select {
+		case kicks <- struct{}{}:
+		default:
+		}
+	}
+	return kick, func() { close(quit); <-finished }
 }
 
 // recheck asks kubelet, just before a destroy, who holds the slice.

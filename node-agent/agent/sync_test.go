@@ -588,3 +588,51 @@ func TestStatusBuildsOnWhatTheAgentWrote(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, start.Status, got.Status, "the mid-plan report does not linger")
 }
+
+// Each GPU's steps run in order, the GPUs side by side: with every
+// GPU-instance create taking 50 ms, the second GPU's first slice exists
+// before the first GPU's last; a failure on one GPU stops the others
+// after their current step.
+func TestApplyRunsGPUsSideBySide(t *testing.T) {
+	sim, err := gpu.NewSimulator(t.Name(), "A100-80GB", "A100-80GB")
+	require.NoError(t, err)
+	lib, err := gpu.Open(sim.Interface())
+	require.NoError(t, err)
+	sim.SetLatency(gpu.MethodCreateGPUInstance, 50*time.Millisecond)
+	a := &Agent{lib: lib, kubelet: fakeKubelet{}, podLister: podLister(t)}
+	_, ctx := ktesting.NewTestContext(t)
+	var steps []Step
+	for g := range 2 {
+		for _, start := range []int{0, 1, 2} {
+			steps = append(steps, Step{Create, g, sl("1g.10gb", start)})
+		}
+	}
+	out := a.apply(ctx, steps, nil, nil)
+	require.NoError(t, out.err)
+	assert.Equal(t, steps, out.steps, "every step done, reported in the plan's order")
+	var created [2][]gpu.Op
+	for _, op := range sim.Ops() {
+		if op.Kind == "create" {
+			created[op.GPU] = append(created[op.GPU], op)
+		}
+	}
+	for g := range 2 {
+		require.Len(t, created[g], 3)
+		for i, op := range created[g] {
+			assert.Equal(t, steps[3*g+i].Slice, op.Slice, "gpu %d's steps in order", g)
+		}
+	}
+	assert.True(t, created[1][0].Time.Before(created[0][2].Time), "gpu 1's first slice (%s) before gpu 0's last (%s)", created[1][0].Time, created[0][2].Time)
+
+	sim.FailCall(gpu.MethodCreateGPUInstance, 1, gpu.FaultUnknown)
+	var more []Step
+	for g := range 2 {
+		for _, start := range []int{4, 5, 6} {
+			more = append(more, Step{Create, g, sl("1g.10gb", start)})
+		}
+	}
+	out = a.apply(ctx, more, nil, nil)
+	require.Error(t, out.err)
+	assert.Equal(t, ReasonNVMLError, out.reason)
+	assert.Less(t, len(out.steps), 2, "after a failure, each GPU stops after its current step: %v", out.steps)
+}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -43,6 +44,10 @@ func SoakInProcesses(ctx context.Context, exe string, args []string, dir string,
 		seeds := fmt.Sprintf("seeds %d–%d", first, first+uint64(n)-1)
 		first += uint64(n)
 		cmd := exec.CommandContext(ctx, exe, cmdArgs...)
+		// Interrupted, each process stops its cluster (kubelets included)
+		// as dynamig-local does on SIGTERM; killed, it would leave them.
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = time.Minute
 		pipe, err := cmd.StdoutPipe()
 		if err != nil {
 			return 0, err
