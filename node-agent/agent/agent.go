@@ -345,7 +345,7 @@ func (a *Agent) sync(ctx context.Context) error {
 		}
 		applyDuration.WithLabelValues(result).Observe(time.Since(start).Seconds())
 	}
-	st, events := report(a.latest(np), node, &obs, out, metav1.Now())
+	st, events := report(a.base(np), node, &obs, out, metav1.Now())
 	a.emit(events)
 	if err := a.writeStatus(ctx, np, st); err != nil {
 		return err
@@ -356,7 +356,7 @@ func (a *Agent) sync(ctx context.Context) error {
 
 // hold reports what exists and why the agent waits, and returns errWait.
 func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, why string) error {
-	st, events := report(a.latest(np), node, &obs, outcome{wait: why}, metav1.Now())
+	st, events := report(a.base(np), node, &obs, outcome{wait: why}, metav1.Now())
 	a.emit(events)
 	if err := a.writeStatus(ctx, np, st); err != nil {
 		return err

@@ -227,7 +227,7 @@ func nodeRef(node *v1.Node) *v1.ObjectReference {
 // fail reports a failure to retry, keeping the last reported GPUs: it
 // emits the Failed condition's event, writes the status, and returns err.
 func (a *Agent) fail(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, conflicts []Conflict, reason string, err error) error {
-	st, events := report(a.latest(np), node, nil, outcome{conflicts: conflicts, err: err, reason: reason}, metav1.Now())
+	st, events := report(a.base(np), node, nil, outcome{conflicts: conflicts, err: err, reason: reason}, metav1.Now())
 	a.emit(events)
 	if werr := a.writeStatus(ctx, np, st); werr != nil {
 		klog.FromContext(ctx).Error(werr, "writing the NodePartition status")
@@ -243,6 +243,21 @@ func (a *Agent) latest(np *v1alpha1.NodePartition) *v1alpha1.NodePartition {
 		return w
 	}
 	return np
+}
+
+// base is what a sync's report builds on: the sync's NodePartition — its
+// spec and generation, the plan it applied — with the status the agent
+// last wrote. A write may return a spec published since (a newer plan):
+// reporting against it would say that plan observed, and the scheduler
+// would bind pods onto slices it is about to destroy.
+func (a *Agent) base(np *v1alpha1.NodePartition) *v1alpha1.NodePartition {
+	l := a.latest(np)
+	if l == np {
+		return np
+	}
+	b := np.DeepCopy()
+	b.Status = *l.Status.DeepCopy()
+	return b
 }
 
 // writeStatus updates the status subresource, with who advertises the

@@ -636,3 +636,26 @@ func TestApplyRunsGPUsSideBySide(t *testing.T) {
 	assert.Equal(t, ReasonNVMLError, out.reason)
 	assert.Less(t, len(out.steps), 2, "after a failure, each GPU stops after its current step: %v", out.steps)
 }
+
+// A write mid-plan may return a spec published since (plan p-3 while the
+// sync applies p-2): the sync's report still says p-2 observed, so that
+// the scheduler waits for p-3, which may destroy the slices p-2 created.
+func TestReportSaysThePlanTheSyncApplied(t *testing.T) {
+	np := spec("p-2", layout(0, "1g.10gb@0"))
+	np.UID, np.Generation, np.ResourceVersion = "np-uid", 2, "10"
+	np.Status.ObservedPlanID = "p-1"
+	newer := spec("p-3", layout(0, "2g.20gb@0"))
+	newer.UID, newer.Generation, newer.ResourceVersion = "np-uid", 3, "12"
+	newer.Status = *np.Status.DeepCopy()
+	newer.Status.ApplyingPlanID = "p-2"
+	a := &Agent{written: newer}
+
+	b := a.base(np)
+	assert.Equal(t, "p-2", b.Spec.PlanID)
+	assert.Equal(t, int64(2), b.Generation)
+	assert.Equal(t, "p-2", b.Status.ApplyingPlanID, "the status the agent last wrote")
+	st, _ := report(b, &v1.Node{}, &observation{gpus: []Observed{a100(t, 0)}}, outcome{steps: []Step{{Create, 0, sl("1g.10gb", 0)}}}, metav1.Now())
+	assert.Equal(t, "p-2", st.ObservedPlanID)
+	assert.Equal(t, int64(2), st.ObservedGeneration)
+	assert.Empty(t, st.ApplyingPlanID)
+}
