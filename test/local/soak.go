@@ -194,6 +194,15 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 	faultAt := time.Duration(r.IntN(4000)) * time.Millisecond
 	victim := nodes[r.IntN(len(nodes))]
 	hand := handPod{ns: ns, pick: r.IntN(1 << 20), seconds: 0.5 + 3.5*r.Float64()}
+	// Half the runs on hardware as slow as real GPUs: plans stay in
+	// flight for seconds, while pods come and go.
+	sliceDelay := c.opts.SliceDelay
+	if r.IntN(2) == 0 {
+		sliceDelay = time.Second
+	}
+	for _, n := range nodes {
+		n.Sim.SetLatency(gpu.MethodCreateGPUInstance, sliceDelay)
+	}
 
 	begin := time.Now()
 	slices.SortFunc(pods, func(a, b arrival) int { return int(a.at - b.at) })
@@ -230,7 +239,7 @@ func soakRun(ctx context.Context, c *Cluster, nodes []*kubeletnode.Node, seed ui
 	if focus != nil {
 		what += fmt.Sprintf(" of %s and %s", focus[0].Name, focus[1].Name)
 	}
-	desc := fmt.Sprintf("%s, fault %s on %s at %.1fs", what, fault, victim.Name, faultAt.Seconds())
+	desc := fmt.Sprintf("%s, %s per slice, fault %s on %s at %.1fs", what, sliceDelay, fault, victim.Name, faultAt.Seconds())
 	if hand.name != "" {
 		desc += " (pod " + hand.name + ")"
 	}
