@@ -106,8 +106,8 @@ RUNS ?= 1000
 SEED ?= 1
 PARALLEL ?= 1
 .PHONY: soak
-soak: control-plane ## Randomized soak on the local cluster: RUNS scenarios (default 1000) from SEED, faults (FAULTS=a,b to pick) at random moments, invariants checked after each; GUARDS_OFF=<guard> builds a test binary without that guard (docs/reliability.md); DEVICE_PLUGIN=nvidia for nodes in restart mode (default: agent mode); PARALLEL=K splits the runs over K clusters (a run takes about a fifth of a core).
-	DYNAMIG_GUARDS_OFF=$(GUARDS_OFF) $(GO) run $(if $(GUARDS_OFF),-tags dynamig_unsafe) ./cmd/dynamig-local --soak $(RUNS) --soak-seed $(SEED) --soak-parallel $(PARALLEL) $(if $(FAULTS),--soak-faults $(FAULTS)) $(if $(DEVICE_PLUGIN),--device-plugin $(DEVICE_PLUGIN))
+soak: control-plane ## Randomized soak on the local cluster: RUNS scenarios (default 1000) from SEED, faults (FAULTS=a,b to pick) at random moments, invariants checked after each; GUARDS_OFF=<guard> builds a test binary without that guard (docs/reliability.md); DEVICE_PLUGIN=nvidia for nodes in restart mode (default: agent mode); PARALLEL=K splits the runs over K clusters (a run takes about a fifth of a core); SLICE_DELAY=1s makes every run's GPUs slow (default: half the runs).
+	DYNAMIG_GUARDS_OFF=$(GUARDS_OFF) $(GO) run $(if $(GUARDS_OFF),-tags dynamig_unsafe) ./cmd/dynamig-local --soak $(RUNS) --soak-seed $(SEED) --soak-parallel $(PARALLEL) $(if $(FAULTS),--soak-faults $(FAULTS)) $(if $(DEVICE_PLUGIN),--device-plugin $(DEVICE_PLUGIN)) $(if $(SLICE_DELAY),--slice-delay $(SLICE_DELAY))
 
 .PHONY: demo
 demo: ## Run the seed on a local cluster: real API server, scheduler and agents on simulated GPUs (SCENARIO=file for another).

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
 
 	"github.com/dynamig/dynamig/pkg/demand"
@@ -66,6 +67,15 @@ func (p *DynamicMIG) PreFilter(ctx context.Context, state fwk.CycleState, pod *v
 // PreFilterExtensions implements fwk.PreFilterPlugin.
 func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil }
 
+// Filter's reasons name no node, so that kube-scheduler adds them up over
+// the nodes ("0/105 nodes are available: 100 no free 1g.10gb, 5 node
+// being repartitioned …"), as the in-tree plugins' do; which node and
+// plan is logged at verbosity 4, and PostFilter's event names the plan.
+const (
+	reasonRepartitioning = "node being repartitioned (its MIG plan is not applied yet)"
+	reasonRestarting     = "node's GPU device plugin is restarting"
+)
+
 // Filter rejects a node without enough free slices of the pod's profiles
 // (advertised, in agent mode, else Node allocatable, less what the pods
 // on the node request; NodeResourcesFit leaves MIG resources to it),
@@ -96,9 +106,11 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	if part != nil && !guard.Off(guard.InFlight) {
 		switch {
 		case part.InFlight && !part.Applying:
-			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s is being repartitioned (plan %s not applied yet)", s.demand, node.Name, part.PlanID))
+			klog.FromContext(ctx).V(4).Info("node being repartitioned", "pod", klog.KObj(pod), "node", node.Name, "plan", part.PlanID)
+			return fwk.NewStatus(fwk.Unschedulable, reasonRepartitioning)
 		case part.Restarting:
-			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("%s on %s: the device plugin is restarting", s.demand, node.Name))
+			klog.FromContext(ctx).V(4).Info("device plugin restarting", "pod", klog.KObj(pod), "node", node.Name)
+			return fwk.NewStatus(fwk.Unschedulable, reasonRestarting)
 		}
 	}
 	requested := ni.GetRequested().GetScalarResources()
@@ -117,7 +129,7 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 			have = part.Advertised[string(r)] - max(0, capacity.Value()-allocatable[r])
 		}
 		if have-requested[r] < int64(want) {
-			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s on %s", prof, node.Name))
+			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s", prof))
 		}
 	}
 	return nil

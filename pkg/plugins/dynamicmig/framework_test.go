@@ -289,7 +289,7 @@ func TestPreFilterAndFilter(t *testing.T) {
 	require.NoError(t, err)
 	st = fw.RunFilterPlugins(ctx, state, one, ni)
 	assert.Equal(t, fwk.Unschedulable, st.Code())
-	assert.Contains(t, st.Message(), "1g.10gb on n1 is being repartitioned (plan p-2 not applied yet)")
+	assert.Equal(t, reasonRepartitioning, st.Message())
 
 	// Once applied, the slice is free and the pod fits; with it taken,
 	// DynamicMIG itself rejects the node, so that its hints requeue the pod.
@@ -304,7 +304,7 @@ func TestPreFilterAndFilter(t *testing.T) {
 	st = fw.RunFilterPlugins(ctx, state, two, ni)
 	assert.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Equal(t, Name, st.Plugin(), "DynamicMIG is the rejector")
-	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
+	assert.Equal(t, "no free 1g.10gb", st.Message())
 }
 
 // A NodePartition change activates only the pending pods it can help: the
@@ -364,7 +364,7 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	require.NoError(t, err)
 	st = fw.RunFilterPlugins(ctx, state, pod, ni)
 	assert.Equal(t, fwk.Unschedulable, st.Code(), "two kept 1g.10gb are free, yet kubelet could give the pod 1g.10gb@1")
-	assert.Contains(t, st.Message(), "being repartitioned (plan p-2 not applied yet)")
+	assert.Equal(t, reasonRepartitioning, st.Message())
 
 	// No plan in flight, but the agent restarts the device plugin (after
 	// its own restart, say): kubelet would fail the pod's admission.
@@ -374,7 +374,7 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	parts.objects["n1"] = restarting
 	st = fw.RunFilterPlugins(ctx, state, pod, ni)
 	assert.Equal(t, fwk.Unschedulable, st.Code())
-	assert.Contains(t, st.Message(), "the device plugin is restarting")
+	assert.Equal(t, reasonRestarting, st.Message())
 	restarting.Status.Conditions[0].Status = metav1.ConditionFalse
 	assert.True(t, fw.RunFilterPlugins(ctx, state, pod, ni).IsSuccess(), "applied, advertised: the pod fits")
 }
@@ -415,14 +415,14 @@ func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
 	ni.SetNode(node)
 	st := filter(two)
 	assert.Equal(t, fwk.Unschedulable, st.Code(), "the second 1g.10gb exists but kubelet cannot allocate it yet")
-	assert.Contains(t, st.Message(), "no free 1g.10gb on n1")
+	assert.Equal(t, "no free 1g.10gb", st.Message())
 
 	// A plan in flight: nothing binds until the agent reports its destroys
 	// withdrawn (applyingPlanID); then the slices advertised so far count.
 	np.Spec.PlanID = "p-2"
 	st = filter(one)
 	assert.Equal(t, fwk.Unschedulable, st.Code())
-	assert.Contains(t, st.Message(), "being repartitioned (plan p-2 not applied yet)")
+	assert.Equal(t, reasonRepartitioning, st.Message())
 	np.Status.ApplyingPlanID = "p-1"
 	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "the agent applies an older plan")
 	np.Status.ApplyingPlanID = "p-2"
