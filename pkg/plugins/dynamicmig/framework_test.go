@@ -2,6 +2,7 @@ package dynamicmig
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 
@@ -429,4 +430,57 @@ func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
 	assert.True(t, filter(one).IsSuccess(), "p-2's destroys are withdrawn; 1g.10gb@1 is advertised")
 	np.Status.DevicePlugin = v1alpha1.DevicePluginNVIDIA
 	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "restart mode waits for the whole plan")
+}
+
+// More MIG nodes than a plan considers (MaxNodesPerPlan, 100): a pod that
+// only the last node accepts — by node selector or by its taints — is
+// planned there, and past the cap the nodes with free slices the pod asks
+// for are kept first.
+func TestPostFilterFindsTheNodesThePodCanUse(t *testing.T) {
+	const count = 105
+	a30 := func(name string, slices ...v1alpha1.SliceStatus) *v1alpha1.NodePartition {
+		np := builders.NodePartition(nil, "", "", builders.GPU(0, "A30", slices...))
+		np.Name = name
+		return np
+	}
+	taint := v1.Taint{Key: "team", Value: "other", Effect: v1.TaintEffectNoSchedule}
+	build := func(last *v1.Node, lastPart *v1alpha1.NodePartition) (*fakePartitions, []*v1.Node) {
+		parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{}}
+		var nodes []*v1.Node
+		for i := range count - 1 {
+			name := fmt.Sprintf("n-%03d", i)
+			parts.objects[name] = a30(name)
+			nodes = append(nodes, migNode(name, taint))
+		}
+		parts.objects[last.Name] = lastPart
+		return parts, append(nodes, last)
+	}
+
+	selected := migNode("n-104", taint)
+	selected.Labels["pick"] = "me"
+	parts, nodes := build(selected, a30("n-104"))
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-1g.6gb", "1"))
+	pod.Spec.NodeSelector = map[string]string{"pick": "me"}
+	pod.Spec.Tolerations = []v1.Toleration{{Key: "team", Operator: v1.TolerationOpExists}}
+	fw, _ := testFramework(t, parts, nodes, pod)
+	result, st := schedule(t, fw, pod, nodes)
+	require.Equal(t, fwk.Unschedulable, st.Code(), st.Message())
+	require.NotNil(t, result, st.Message())
+	assert.Equal(t, "n-104", result.NominatedNodeName, "by node selector")
+
+	parts, nodes = build(migNode("n-104"), a30("n-104"))
+	pod = pendingPod("q", builders.Resources("nvidia.com/mig-1g.6gb", "1"))
+	fw, _ = testFramework(t, parts, nodes, pod)
+	result, st = schedule(t, fw, pod, nodes)
+	require.NotNil(t, result, st.Message())
+	assert.Equal(t, "n-104", result.NominatedNodeName, "every other node's taint is not tolerated")
+
+	// Every node tolerated; only the last has a free 1g.6gb: no change
+	// needed there, so it is among the nodes kept, and chosen.
+	parts, nodes = build(migNode("n-104", taint), a30("n-104", v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.6gb", Start: 3}}))
+	fw, _ = testFramework(t, parts, nodes, pod)
+	pod.Spec.Tolerations = []v1.Toleration{{Key: "team", Operator: v1.TolerationOpExists}}
+	result, st = schedule(t, fw, pod, nodes)
+	require.NotNil(t, result, st.Message())
+	assert.Equal(t, "n-104", result.NominatedNodeName, "the free slice, kept past the cap")
 }

@@ -10,6 +10,8 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
+	corev1helpers "k8s.io/component-helpers/scheduling/corev1"
+	"k8s.io/component-helpers/scheduling/corev1/nodeaffinity"
 	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
 	"k8s.io/kubernetes/pkg/scheduler/framework"
@@ -28,20 +30,25 @@ type view struct {
 	node planner.Node
 }
 
-// views lists the nodes the plan may change: selected by the node
+// views lists the nodes the plan for pod may change: selected by the node
 // selector, with a NodePartition whose status reports GPUs, not stale, and
-// usable for planning; at most MaxNodesPerPlan, in name order.
-func (p *DynamicMIG) views(logger klog.Logger) map[string]*view {
+// usable for planning, and that pod's node selector, required node
+// affinity and taints do not rule out (eligible) — so that a pod that only
+// the last of thousands of nodes accepts is planned there. Past
+// MaxNodesPerPlan it keeps the nodes with the most room for the pod
+// (rank): the cap bounds the planner's work per plan, not which nodes
+// a pod can reach.
+func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) map[string]*view {
 	infos, err := p.h.SnapshotSharedLister().NodeInfos().List()
 	if err != nil {
 		logger.Error(err, "listing nodes")
 		return nil
 	}
-	sort.Slice(infos, func(i, j int) bool { return infos[i].Node().Name < infos[j].Node().Name })
-	out := map[string]*view{}
+	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
+	var cands []*view
 	for _, ni := range infos {
 		node := ni.Node()
-		if !p.selector.Matches(labels.Set(node.Labels)) {
+		if !p.selector.Matches(labels.Set(node.Labels)) || !eligible(logger, pod, affinity, node) {
 			continue
 		}
 		part := p.partitions.get(node.Name)
@@ -58,12 +65,85 @@ func (p *DynamicMIG) views(logger klog.Logger) map[string]*view {
 			logger.V(2).Info("NodePartition status is not usable; planning around the node", "node", node.Name, "err", part.Err)
 			continue
 		}
-		out[node.Name] = &view{ni: ni, part: part, node: plannerNode(part)}
-		if len(out) == int(p.args.MaxNodesPerPlan) {
-			break
+		cands = append(cands, &view{ni: ni, part: part, node: plannerNode(part)})
+	}
+	if limit := int(p.args.MaxNodesPerPlan); len(cands) > limit {
+		rooms := make(map[*view]room, len(cands))
+		for _, v := range cands {
+			rooms[v] = roomFor(v.part, d)
 		}
+		sort.Slice(cands, func(i, j int) bool {
+			a, b := rooms[cands[i]], rooms[cands[j]]
+			if a != b {
+				return a.better(b)
+			}
+			return cands[i].node.Name < cands[j].node.Name
+		})
+		cands = cands[:limit]
+	}
+	out := make(map[string]*view, len(cands))
+	for _, v := range cands {
+		out[v.node.Name] = v
 	}
 	return out
+}
+
+// eligible reports whether the pod's node selector, required node
+// affinity and NoSchedule/NoExecute taints allow the node: cheap checks,
+// so that candidate selection scales; the pod's other filters run on the
+// nodes kept (plannerPod).
+func eligible(logger klog.Logger, pod *v1.Pod, affinity nodeaffinity.RequiredNodeAffinity, node *v1.Node) bool {
+	if ok, _ := affinity.Match(node); !ok {
+		return false
+	}
+	_, untolerated := corev1helpers.FindMatchingUntoleratedTaint(logger, node.Spec.Taints, pod.Spec.Tolerations, func(t *v1.Taint) bool {
+		return t.Effect == v1.TaintEffectNoSchedule || t.Effect == v1.TaintEffectNoExecute
+	}, true)
+	return !untolerated
+}
+
+// room is a cheap bound on what a node offers a pod: free slices of the
+// profiles it asks for (served with no change) and compute slices no
+// container holds on GPUs that offer one of them.
+type room struct{ free, compute int }
+
+// better orders nodes for a pod: one with free slices it asks for, then
+// the most compute to repartition.
+func (a room) better(b room) bool {
+	if a.free != b.free {
+		return a.free > b.free
+	}
+	return a.compute > b.compute
+}
+
+func roomFor(part *partition.Node, d demand.Demand) room {
+	var r room
+	for i := range part.GPUs {
+		g := &part.GPUs[i]
+		if !g.Plannable() {
+			continue
+		}
+		offers := false
+		for prof := range d {
+			_, ok := g.Model.ProfileIndex(prof)
+			offers = offers || ok
+		}
+		if !offers {
+			continue
+		}
+		compute := g.Model.ComputeSlices
+		for _, s := range g.Slices {
+			if s.Used {
+				if pi, ok := g.Model.ProfileIndex(s.Profile); ok {
+					compute -= g.Model.Profiles[pi].ComputeSlices
+				}
+			} else if _, asked := d[s.Profile]; asked {
+				r.free++
+			}
+		}
+		r.compute += compute
+	}
+	return r
 }
 
 // plannerNode is the node as the planner starts from it: each plannable

@@ -34,7 +34,10 @@ type DynamicMIGArgs struct {
 	// agent's --device-plugin-timeout (2m) plus an apply, so that a slow
 	// but healthy apply is not planned around.
 	PlanTimeout *metav1.Duration `json:"planTimeout,omitempty"`
-	// MaxNodesPerPlan bounds the nodes one plan considers. Default: 100.
+	// MaxNodesPerPlan bounds the nodes one plan considers, among those the
+	// pod's node selector, required node affinity and tolerations allow:
+	// past it, those with free slices of its profiles, then the most
+	// compute no pod holds. Default: 100.
 	MaxNodesPerPlan *int32 `json:"maxNodesPerPlan,omitempty"`
 	// MaxPendingPodsPerPlan bounds the pending pods one plan considers.
 	// Default: 200.
