@@ -120,6 +120,9 @@ func Soak(ctx context.Context, c *Cluster, o SoakOptions, out io.Writer) (int, e
 				}
 			}
 		}
+		if ctx.Err() != nil {
+			return total, fmt.Errorf("run %d (seed %d) interrupted: %w", i+1, seed, ctx.Err())
+		}
 		verdict := "ok"
 		if len(problems) > 0 {
 			verdict = fmt.Sprintf("%d VIOLATIONS", len(problems))
