@@ -91,6 +91,13 @@ func (p *Plugin) Set(devs map[string][]Device) {
 	}
 }
 
+// kubeletPoll is how often Run looks for a new kubelet.sock. A restarted
+// kubelet admits the pods already on its node again about a second after
+// it opens kubelet.sock, and fails any whose resource has no registered
+// plugin by then (UnexpectedAdmissionError) — running pods included once
+// its sources are ready: plugins must be back well within that second.
+const kubeletPoll = 100 * time.Millisecond
+
 // Run serves every resource and registers it with the kubelet until ctx
 // ends: a new resource as soon as Set names it, all of them again when
 // kubelet.sock is made anew. A failed registration is retried.
@@ -130,7 +137,7 @@ func (p *Plugin) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-p.changed:
-		case <-time.After(time.Second):
+		case <-time.After(kubeletPoll):
 		}
 	}
 }

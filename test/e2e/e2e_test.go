@@ -281,8 +281,10 @@ func testDayInTheLife(e *env) {
 
 // In-use protection under churn: a long-running pod holds a 3g.40gb while
 // waves of small pods come and go on the rest of the same GPU.
-func TestInUseProtectionUnderChurn(t *testing.T) {
-	e := newEnv(t, "churn")
+func TestInUseProtectionUnderChurn(t *testing.T) { modes(t, "churn", testInUseProtectionUnderChurn) }
+
+func testInUseProtectionUnderChurn(e *env) {
+	t := e.t
 	n := e.node("churn-1", "A100-80GB")
 	e.pod("long", 0, map[string]int64{"nvidia.com/mig-3g.40gb": 1})
 	e.waitPhase(30*time.Second, v1.PodRunning, "long")
@@ -306,8 +308,10 @@ func TestInUseProtectionUnderChurn(t *testing.T) {
 // Faults: an NVML create failing once, the agent killed mid-plan, the API
 // server restarted, the scheduler restarted — everything converges and
 // nothing in use is destroyed.
-func TestFaults(t *testing.T) {
-	e := newEnv(t, "faults")
+func TestFaults(t *testing.T) { modes(t, "faults", testFaults) }
+
+func testFaults(e *env) {
+	t := e.t
 	n := e.node("faults-1", "H100-80GB", "H100-80GB")
 	e.pod("anchor", 0, map[string]int64{"nvidia.com/mig-2g.20gb": 1})
 	e.waitPhase(30*time.Second, v1.PodRunning, "anchor")
@@ -343,8 +347,10 @@ func TestFaults(t *testing.T) {
 
 // Bad input: a pod asking for a profile that does not exist and a
 // hand-edited invalid NodePartition are reported clearly; other pods run.
-func TestBadInput(t *testing.T) {
-	e := newEnv(t, "bad")
+func TestBadInput(t *testing.T) { modes(t, "bad", testBadInput) }
+
+func testBadInput(e *env) {
+	t := e.t
 	n := e.node("bad-1", "A100-80GB")
 	e.pod("no-such-profile", 0, map[string]int64{"nvidia.com/mig-9g.99gb": 1})
 	e.waitFor(30*time.Second, "MIGInvalidRequest event", func() bool {
