@@ -98,6 +98,9 @@ func (p *Plugin) Set(devs map[string][]Device) {
 // its sources are ready: plugins must be back well within that second.
 const kubeletPoll = 100 * time.Millisecond
 
+// retryEvery spaces the retries of a failed registration (and its log).
+const retryEvery = time.Second
+
 // Run serves every resource and registers it with the kubelet until ctx
 // ends: a new resource as soon as Set names it, all of them again when
 // kubelet.sock is made anew. A failed registration is retried.
@@ -105,6 +108,7 @@ func (p *Plugin) Run(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	kubeletSock := filepath.Join(p.dir, filepath.Base(pluginapi.KubeletSocket))
 	registered := map[string]bool{}
+	failed := map[string]time.Time{} // when a resource's registration last failed
 	var seen os.FileInfo
 	defer p.stopAll()
 	for {
@@ -113,7 +117,7 @@ func (p *Plugin) Run(ctx context.Context) error {
 			if seen != nil {
 				logger.Info("kubelet.sock was made anew: registering every resource again")
 			}
-			seen, registered = st, map[string]bool{}
+			seen, registered, failed = st, map[string]bool{}, map[string]time.Time{}
 		}
 		if err == nil {
 			for _, e := range p.snapshot() {
@@ -122,11 +126,12 @@ func (p *Plugin) Run(ctx context.Context) error {
 				if _, err := os.Stat(filepath.Join(p.dir, SocketName(e.resource))); err != nil {
 					registered[e.resource] = false
 				}
-				if registered[e.resource] {
+				if registered[e.resource] || time.Since(failed[e.resource]) < retryEvery {
 					continue
 				}
 				if err := p.serve(ctx, e, kubeletSock); err != nil {
-					logger.Error(err, "Registering a resource with the kubelet; retrying", "resource", e.resource)
+					failed[e.resource] = time.Now()
+					logger.Error(err, "Registering a resource with the kubelet; retrying", "resource", e.resource, "in", retryEvery)
 					continue
 				}
 				registered[e.resource] = true
