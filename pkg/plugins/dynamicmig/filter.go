@@ -106,10 +106,14 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	if part != nil && !guard.Off(guard.InFlight) {
 		switch {
 		case part.InFlight && !part.Applying:
-			klog.FromContext(ctx).V(4).Info("node being repartitioned", "pod", klog.KObj(pod), "node", node.Name, "plan", part.PlanID)
+			if logger := klog.FromContext(ctx).V(4); logger.Enabled() { // Filter runs per node: no arguments built unless logged
+				logger.Info("node being repartitioned", "pod", klog.KObj(pod), "node", node.Name, "plan", part.PlanID)
+			}
 			return fwk.NewStatus(fwk.Unschedulable, reasonRepartitioning)
 		case part.Restarting:
-			klog.FromContext(ctx).V(4).Info("device plugin restarting", "pod", klog.KObj(pod), "node", node.Name)
+			if logger := klog.FromContext(ctx).V(4); logger.Enabled() {
+				logger.Info("device plugin restarting", "pod", klog.KObj(pod), "node", node.Name)
+			}
 			return fwk.NewStatus(fwk.Unschedulable, reasonRestarting)
 		}
 	}

@@ -484,3 +484,23 @@ func TestPostFilterFindsTheNodesThePodCanUse(t *testing.T) {
 	require.NotNil(t, result, st.Message())
 	assert.Equal(t, "n-104", result.NominatedNodeName, "the free slice, kept past the cap")
 }
+
+// A pod nominated to a node the pod being planned cannot use (node b's
+// taint) waits there: it is not planned again on the nodes this plan
+// considers.
+func TestPostFilterLeavesPodsNominatedElsewhere(t *testing.T) {
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"a": emptyA100("a"), "b": emptyA100("b")}}
+	taint := v1.Taint{Key: "team", Value: "x", Effect: v1.TaintEffectNoSchedule}
+	nodes := []*v1.Node{migNode("a"), migNode("b", taint)}
+	waiting := pendingPod("waiting", builders.Resources("nvidia.com/mig-3g.40gb", "1"))
+	waiting.Spec.Tolerations = []v1.Toleration{{Key: "team", Operator: v1.TolerationOpExists}}
+	waiting.Status.NominatedNodeName = "b"
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-4g.40gb", "1"))
+	fw, _ := testFramework(t, parts, nodes, waiting, pod)
+
+	result, st := schedule(t, fw, pod, nodes)
+	require.NotNil(t, result, st.Message())
+	assert.Equal(t, "a", result.NominatedNodeName)
+	require.Len(t, parts.written, 1)
+	assert.Equal(t, []string{"4g.40gb@0"}, builders.SpecLayout(parts.written[0], 0), "no slice for the pod nominated to b")
+}

@@ -32,8 +32,8 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 		plansTotal.WithLabelValues(resultNotReady).Inc()
 		return nil, fwk.NewStatus(fwk.Unschedulable, "waiting for the NodePartition cache to sync")
 	}
-	views := p.views(logger, pod, s.demand)
-	snap, err := p.snapshot(ctx, state, pod, s.demand, views)
+	views, left := p.views(logger, pod, s.demand)
+	snap, err := p.snapshot(ctx, state, pod, s.demand, views, left)
 	if err != nil {
 		return nil, fwk.AsStatus(err)
 	}

@@ -37,18 +37,20 @@ type view struct {
 // the last of thousands of nodes accepts is planned there. Past
 // MaxNodesPerPlan it keeps the nodes with the most room for the pod
 // (rank): the cap bounds the planner's work per plan, not which nodes
-// a pod can reach.
-func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) map[string]*view {
+// a pod can reach. left names the other plannable nodes: pods nominated
+// to them wait there and are not planned again elsewhere.
+func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (views map[string]*view, left map[string]bool) {
 	infos, err := p.h.SnapshotSharedLister().NodeInfos().List()
 	if err != nil {
 		logger.Error(err, "listing nodes")
-		return nil
+		return nil, nil
 	}
 	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
 	var cands []*view
+	left = map[string]bool{}
 	for _, ni := range infos {
 		node := ni.Node()
-		if !p.selector.Matches(labels.Set(node.Labels)) || !eligible(logger, pod, affinity, node) {
+		if !p.selector.Matches(labels.Set(node.Labels)) {
 			continue
 		}
 		part := p.partitions.get(node.Name)
@@ -65,6 +67,10 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) map
 			logger.V(2).Info("NodePartition status is not usable; planning around the node", "node", node.Name, "err", part.Err)
 			continue
 		}
+		if !eligible(logger, pod, affinity, node) {
+			left[node.Name] = true
+			continue
+		}
 		cands = append(cands, &view{ni: ni, part: part, node: plannerNode(part)})
 	}
 	if limit := int(p.args.MaxNodesPerPlan); len(cands) > limit {
@@ -79,13 +85,16 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) map
 			}
 			return cands[i].node.Name < cands[j].node.Name
 		})
+		for _, v := range cands[limit:] {
+			left[v.node.Name] = true
+		}
 		cands = cands[:limit]
 	}
-	out := make(map[string]*view, len(cands))
+	views = make(map[string]*view, len(cands))
 	for _, v := range cands {
-		out[v.node.Name] = v
+		views[v.node.Name] = v
 	}
-	return out
+	return views, left
 }
 
 // eligible reports whether the pod's node selector, required node
@@ -167,8 +176,9 @@ func plannerNode(part *partition.Node) planner.Node {
 
 // snapshot builds the planner's input: the views, with what bound and
 // nominated pods request counted as Bound (invariant 2), and the pending
-// MIG pods of this profile, each with the nodes its other filters accept.
-func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view) (*planner.Snapshot, error) {
+// MIG pods of this profile not nominated to a plannable node (views or
+// left), each with the nodes its other filters accept.
+func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view, left map[string]bool) (*planner.Snapshot, error) {
 	snap := &planner.Snapshot{}
 	names := make([]string, 0, len(views))
 	for name := range views {
@@ -189,11 +199,16 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 		}
 		snap.Nodes = append(snap.Nodes, v.node)
 	}
+	for name := range left {
+		for _, pi := range p.h.NominatedPodsForNode(name) {
+			nominated[pi.GetPod().UID] = true
+		}
+	}
 
 	state.Write(simulateKey, simulating{})
 	defer state.Delete(simulateKey)
 	snap.Pods = append(snap.Pods, p.plannerPod(ctx, state, pod, d, views, names))
-	for _, other := range p.otherPending(pod, views, nominated) {
+	for _, other := range p.otherPending(pod, views, left, nominated) {
 		od, err := demand.Of(other)
 		if err != nil || len(od) == 0 {
 			continue
@@ -238,18 +253,18 @@ func (p *DynamicMIG) plannerPod(ctx context.Context, state fwk.CycleState, pod *
 }
 
 // otherPending lists the other pending pods of this profile that ask for
-// MIG slices and are not yet nominated to a planned node — by the
-// scheduler's nominator (already counted as bound on that node), or in
-// their status: highest priority and oldest first, at most
-// MaxPendingPodsPerPlan − 1.
-func (p *DynamicMIG) otherPending(pod *v1.Pod, views map[string]*view, nominated map[types.UID]bool) []*v1.Pod {
+// MIG slices and are not yet nominated to a plannable node — by the
+// scheduler's nominator (counted as bound on that node if the plan
+// considers it), or in their status: highest priority and oldest first,
+// at most MaxPendingPodsPerPlan − 1.
+func (p *DynamicMIG) otherPending(pod *v1.Pod, views map[string]*view, left map[string]bool, nominated map[types.UID]bool) []*v1.Pod {
 	var out []*v1.Pod
 	for _, o := range p.pending.asking(p.h.ProfileName(), mig.ProfileName{}) {
 		if o.UID == pod.UID {
 			continue
 		}
-		if _, inStatus := views[o.Status.NominatedNodeName]; inStatus || nominated[o.UID] {
-			continue // counted as bound on its node
+		if _, inStatus := views[o.Status.NominatedNodeName]; inStatus || left[o.Status.NominatedNodeName] || nominated[o.UID] {
+			continue // waits on its node
 		}
 		out = append(out, o)
 	}
