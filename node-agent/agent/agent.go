@@ -35,6 +35,7 @@ import (
 	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/generated/informers/externalversions"
 	dynamiglisters "github.com/dynamig/dynamig/pkg/generated/listers/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/guard"
 )
 
 // Kubelet is what the agent asks kubelet (podresources.Client).
@@ -219,6 +220,16 @@ func (a *Agent) Run(ctx context.Context) error {
 			stopPlugin()
 			<-stopped
 		}()
+		go func() { // a kubelet that goes or comes back closes or opens the node
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-a.cfg.Plugin.KubeletChanged():
+					a.queue.Add(queueKey)
+				}
+			}
+		}()
 		logger.Info("agent started; it is the node's device plugin")
 	} else {
 		logger.Info("agent started", "devicePlugin", a.cfg.DevicePluginNamespace+"/"+a.cfg.DevicePluginSelector)
@@ -276,6 +287,7 @@ type outcome struct {
 	reason    string // the failure's condition reason
 	refused   bool   // the plan was refused before: conditions stay
 	wait      string // why the agent holds off (errWait)
+	closed    string // why the node takes no MIG pod and the agent holds off (its kubelet restarts)
 }
 
 // sync reconciles the node in phases: observe the GPUs, decide the steps
@@ -305,9 +317,12 @@ func (a *Agent) sync(ctx context.Context) error {
 	if obs.kubeletErr != nil {
 		logger.V(2).Info("kubelet PodResources API unavailable; no slice will be destroyed", "err", obs.kubeletErr)
 	}
+	if why := a.kubeletRestarting(); why != "" {
+		return a.hold(ctx, np, node, obs, outcome{closed: why})
+	}
 	d := decide(np, obs)
 	if d.wait != "" {
-		return a.hold(ctx, np, node, obs, d.wait)
+		return a.hold(ctx, np, node, obs, outcome{wait: d.wait})
 	}
 	var progress func(context.Context)
 	if a.cfg.Plugin != nil && len(d.steps) > 0 && np.Spec.PlanID != "" {
@@ -330,7 +345,7 @@ func (a *Agent) sync(ctx context.Context) error {
 		var wait errWait
 		switch err := a.advertise(ctx, np, node, &obs, len(out.steps) > 0); {
 		case errors.As(err, &wait):
-			return a.hold(ctx, np, node, obs, wait.why)
+			return a.hold(ctx, np, node, obs, outcome{wait: wait.why})
 		case errors.Is(err, errCDI):
 			out.err, out.reason = err, ReasonCDISpecFailed
 		case errors.Is(err, errTwoPlugins):
@@ -357,14 +372,45 @@ func (a *Agent) sync(ctx context.Context) error {
 	return out.err
 }
 
-// hold reports what exists and why the agent waits, and returns errWait.
-func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, why string) error {
-	st, events := report(a.base(np), node, &obs, outcome{wait: why}, metav1.Now())
+// hold reports what exists and why the agent waits (out.wait, or
+// out.closed), and returns errWait.
+func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.Node, obs observation, out outcome) error {
+	st, events := report(a.base(np), node, &obs, out, metav1.Now())
 	a.emit(events)
 	if err := a.writeStatus(ctx, np, st); err != nil {
 		return err
 	}
-	return errWait{why: why}
+	return errWait{why: out.wait + out.closed}
+}
+
+// kubeletSettle is how long a node in agent mode takes no MIG pod after
+// the agent's plugin registered again with a restarted kubelet. Until the
+// kubelet has read its pods from the API server (its first batch, which
+// it admits before it counts its sources ready: about a second after the
+// plugins register, measured here), it keeps the devices of pods deleted
+// while it was down allocated from its checkpoint, and fails a pod it
+// admits meanwhile that needs one of them ("Requested: 1, Available: 0",
+// UnexpectedAdmissionError) — pods bound to the node in that time are in
+// that batch.
+const kubeletSettle = 5 * time.Second
+
+// kubeletRestarting says, on a node in agent mode, why the node takes no
+// MIG pod while its kubelet restarts: from when the kubelet goes (the
+// plugin's streams end) until kubeletSettle after the plugin registered
+// with the new one. "" otherwise.
+func (a *Agent) kubeletRestarting() string {
+	if a.cfg.Plugin == nil || guard.Off(guard.KubeletRestart) {
+		return ""
+	}
+	k := a.cfg.Plugin.Kubelet()
+	if k.Gone {
+		return "kubelet is gone (it closed the device plugin's streams): no MIG pod is bound to the node until it is back and has read its pods"
+	}
+	if since := time.Since(k.Back); since < kubeletSettle {
+		return fmt.Sprintf("kubelet restarted %s ago: until it has read its pods it counts the devices of pods deleted while it was down as allocated; no MIG pod is bound to the node for %s",
+			since.Round(time.Millisecond), (kubeletSettle - since).Round(time.Millisecond))
+	}
+	return ""
 }
 
 func (a *Agent) node() (*v1.Node, error) {

@@ -13,6 +13,11 @@ const (
 	// restarts the device plugin; ReasonNotRestarting: it does not.
 	ReasonRestarting    = "Restarting"
 	ReasonNotRestarting = "NotRestarting"
+	// ReasonKubeletRestarting, on DevicePluginRestarting and Applied, in
+	// agent mode: the node's kubelet went, or came back less than 5 s ago;
+	// the agent changes nothing and the scheduler binds no MIG pod to the
+	// node until it has settled.
+	ReasonKubeletRestarting = "KubeletRestarting"
 	// ReasonWaitingForAdmission: a pod bound to the node is not admitted by
 	// kubelet yet; the agent destroys no slice it could be given, and does
 	// not restart the device plugin (which would fail its admission), until

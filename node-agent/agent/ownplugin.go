@@ -24,6 +24,11 @@ import (
 type Plugin interface {
 	Set(devices map[string][]deviceplugin.Device)
 	Run(ctx context.Context) error
+	// Kubelet says whether the kubelet went and when the plugin was last
+	// registered with a restarted one; KubeletChanged is signalled when
+	// that changes.
+	Kubelet() deviceplugin.KubeletState
+	KubeletChanged() <-chan struct{}
 }
 
 // ownDevices is what the agent's plugin advertises: a resource for every

@@ -48,9 +48,14 @@ func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out out
 		st.GPUs, events = gpuStatuses(node, obs.gpus, obs.allocatable)
 	}
 	events = append(events, conditions(np, &st, out, now)...)
-	// Whatever happened, no restart is under way once a sync reports.
-	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionFalse,
-		Reason: ReasonNotRestarting, ObservedGeneration: np.Generation, LastTransitionTime: now})
+	// No restart of the agent's is under way once a sync reports; the
+	// node's kubelet may be restarting.
+	restarting := metav1.Condition{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionFalse,
+		Reason: ReasonNotRestarting, ObservedGeneration: np.Generation, LastTransitionTime: now}
+	if out.closed != "" {
+		restarting.Status, restarting.Reason, restarting.Message = metav1.ConditionTrue, ReasonKubeletRestarting, out.closed
+	}
+	meta.SetStatusCondition(&st.Conditions, restarting)
 	return st, events
 }
 
@@ -149,6 +154,9 @@ func conditions(np *v1alpha1.NodePartition, st *v1alpha1.NodePartitionStatus, ou
 	applied := metav1.Condition{Type: v1alpha1.ConditionApplied, ObservedGeneration: np.Generation, LastTransitionTime: now}
 	failed := metav1.Condition{Type: v1alpha1.ConditionFailed, ObservedGeneration: np.Generation, LastTransitionTime: now, Status: metav1.ConditionTrue}
 	switch {
+	case out.closed != "":
+		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonKubeletRestarting, fmt.Sprintf("plan %s: %s", name, out.closed)
+		failed.Status, failed.Reason, failed.Message = metav1.ConditionFalse, ReasonKubeletRestarting, ""
 	case out.wait != "":
 		applied.Status, applied.Reason, applied.Message = metav1.ConditionFalse, ReasonWaitingForAdmission, fmt.Sprintf("plan %s: %s", name, out.wait)
 		failed.Status, failed.Reason, failed.Message = metav1.ConditionFalse, ReasonWaitingForAdmission, ""

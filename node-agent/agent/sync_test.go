@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -449,12 +450,45 @@ func TestApplyRechecksBeforeDestroy(t *testing.T) {
 // Allocatable from the last list, as kubelet does once it has it, unless
 // stuck.
 type fakePlugin struct {
-	sets  []map[string][]deviceplugin.Device
-	stuck bool // kubelet keeps the first list
+	sets    []map[string][]deviceplugin.Device
+	stuck   bool // kubelet keeps the first list
+	kubelet deviceplugin.KubeletState
 }
 
 func (f *fakePlugin) Set(d map[string][]deviceplugin.Device) { f.sets = append(f.sets, d) }
 func (f *fakePlugin) Run(context.Context) error              { return nil }
+func (f *fakePlugin) Kubelet() deviceplugin.KubeletState     { return f.kubelet }
+func (f *fakePlugin) KubeletChanged() <-chan struct{}        { return nil }
+
+// In agent mode the node takes no MIG pod from when its kubelet goes until
+// kubeletSettle after the plugin registered with the new one: the agent
+// says so on DevicePluginRestarting (which Filter reads) and Applied, and
+// applies nothing meanwhile. Restart mode has no such window here.
+func TestKubeletRestartClosesTheNode(t *testing.T) {
+	p := &fakePlugin{kubelet: deviceplugin.KubeletState{Gone: true}}
+	a := &Agent{cfg: Config{Plugin: p}}
+	why := a.kubeletRestarting()
+	assert.Contains(t, why, "kubelet is gone")
+	st, _ := report(spec("p-2", layout(0, "1g.10gb@0")), &v1.Node{}, &observation{gpus: []Observed{a100(t, 0)}}, outcome{closed: why}, metav1.Now())
+	restarting := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionRestarting)
+	require.NotNil(t, restarting)
+	assert.Equal(t, metav1.ConditionTrue, restarting.Status)
+	assert.Equal(t, ReasonKubeletRestarting, restarting.Reason)
+	assert.Equal(t, why, restarting.Message)
+	applied := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionApplied)
+	require.NotNil(t, applied)
+	assert.Equal(t, metav1.ConditionFalse, applied.Status)
+	assert.Equal(t, "plan p-2: "+why, applied.Message)
+
+	p.kubelet = deviceplugin.KubeletState{Back: time.Now().Add(-time.Second)}
+	assert.Contains(t, a.kubeletRestarting(), "kubelet restarted 1s ago")
+	p.kubelet.Back = time.Now().Add(-kubeletSettle)
+	assert.Empty(t, a.kubeletRestarting(), "settled")
+	st, _ = report(spec("p-2", layout(0, "1g.10gb@0")), &v1.Node{}, &observation{gpus: []Observed{a100(t, 0)}}, outcome{}, metav1.Now())
+	assert.True(t, meta.IsStatusConditionFalse(st.Conditions, v1alpha1.ConditionRestarting))
+
+	assert.Empty(t, (&Agent{}).kubeletRestarting(), "restart mode")
+}
 
 type kubeletFollows struct {
 	fakeKubelet

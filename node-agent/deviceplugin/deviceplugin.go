@@ -59,11 +59,46 @@ type Plugin struct {
 	mu        sync.Mutex
 	endpoints map[string]*endpoint // by resource name
 	changed   chan struct{}        // a resource was added
+	kubelet   KubeletState
+	kubeletCh chan struct{} // signalled when kubelet changes
+}
+
+// KubeletState is what the plugin knows of the kubelet's restarts.
+type KubeletState struct {
+	// Gone: a ListAndWatch stream ended — the kubelet went away (or
+	// dropped the plugin) — and the plugin has not registered every
+	// resource with a kubelet since.
+	Gone bool
+	// Back is when the plugin last finished registering every resource
+	// with a kubelet after one had gone or made kubelet.sock anew; zero if
+	// that has not happened since the plugin started.
+	Back time.Time
 }
 
 // New returns a plugin that serves in dir (DefaultDir on a node).
 func New(dir string) *Plugin {
-	return &Plugin{dir: dir, endpoints: map[string]*endpoint{}, changed: make(chan struct{}, 1)}
+	return &Plugin{dir: dir, endpoints: map[string]*endpoint{}, changed: make(chan struct{}, 1), kubeletCh: make(chan struct{}, 1)}
+}
+
+// Kubelet says what the plugin knows of the kubelet's restarts.
+func (p *Plugin) Kubelet() KubeletState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.kubelet
+}
+
+// KubeletChanged is signalled whenever Kubelet's answer changes.
+func (p *Plugin) KubeletChanged() <-chan struct{} { return p.kubeletCh }
+
+// setKubelet changes the kubelet state and signals KubeletChanged.
+func (p *Plugin) setKubelet(change func(*KubeletState)) {
+	p.mu.Lock()
+	change(&p.kubelet)
+	p.mu.Unlock()
+	select {
+	case p.kubeletCh <- struct{}{}:
+	default:
+	}
 }
 
 // Set makes devs the devices of each resource it names, and sends every
@@ -77,7 +112,7 @@ func (p *Plugin) Set(devs map[string][]Device) {
 	for r, list := range devs {
 		e, ok := p.endpoints[r]
 		if !ok {
-			e = &endpoint{resource: r, update: make(chan struct{})}
+			e = &endpoint{resource: r, update: make(chan struct{}), ended: p.streamEnded}
 			p.endpoints[r] = e
 			added = true
 		}
@@ -101,32 +136,46 @@ const kubeletPoll = 100 * time.Millisecond
 // retryEvery spaces the retries of a failed registration (and its log).
 const retryEvery = time.Second
 
+// streamEnded marks the kubelet gone: it keeps a ListAndWatch stream
+// open to every registered resource while it runs.
+func (p *Plugin) streamEnded() {
+	p.setKubelet(func(k *KubeletState) { k.Gone = true })
+}
+
 // Run serves every resource and registers it with the kubelet until ctx
 // ends: a new resource as soon as Set names it, all of them again when
-// kubelet.sock is made anew. A failed registration is retried.
+// kubelet.sock is made anew. A failed registration is retried. Once every
+// resource is registered again after the kubelet went or restarted,
+// Kubelet says since when.
 func (p *Plugin) Run(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	kubeletSock := filepath.Join(p.dir, filepath.Base(pluginapi.KubeletSocket))
 	registered := map[string]bool{}
 	failed := map[string]time.Time{} // when a resource's registration last failed
 	var seen os.FileInfo
+	restarted := false // kubelet.sock was made anew: a new kubelet to register with
 	defer p.stopAll()
 	for {
 		st, err := os.Stat(kubeletSock)
 		if err == nil && (seen == nil || !os.SameFile(st, seen) || !st.ModTime().Equal(seen.ModTime())) {
 			if seen != nil {
 				logger.Info("kubelet.sock was made anew: registering every resource again")
+				restarted = true
 			}
 			seen, registered, failed = st, map[string]bool{}, map[string]time.Time{}
 		}
 		if err == nil {
+			all := true
 			for _, e := range p.snapshot() {
 				// A starting kubelet deletes every socket in the directory
 				// (the new kubelet.sock may even reuse the old one's inode).
 				if _, err := os.Stat(filepath.Join(p.dir, SocketName(e.resource))); err != nil {
 					registered[e.resource] = false
 				}
-				if registered[e.resource] || time.Since(failed[e.resource]) < retryEvery {
+				if registered[e.resource] {
+					continue
+				}
+				if all = false; time.Since(failed[e.resource]) < retryEvery {
 					continue
 				}
 				if err := p.serve(ctx, e, kubeletSock); err != nil {
@@ -136,6 +185,11 @@ func (p *Plugin) Run(ctx context.Context) error {
 				}
 				registered[e.resource] = true
 				logger.V(2).Info("Registered with the kubelet", "resource", e.resource)
+			}
+			if all && (restarted || p.Kubelet().Gone) {
+				restarted = false
+				p.setKubelet(func(k *KubeletState) { *k = KubeletState{Back: time.Now()} })
+				logger.Info("Every resource is registered with the kubelet again")
 			}
 		}
 		select {
@@ -217,6 +271,8 @@ type endpoint struct {
 	devices []Device
 	update  chan struct{} // closed and replaced when devices change
 	server  *grpc.Server
+	stops   int    // how often stopServer ran
+	ended   func() // a ListAndWatch stream ended, its server not stopped by the plugin
 }
 
 func (e *endpoint) set(devs []Device) {
@@ -241,10 +297,17 @@ func (e *endpoint) snapshot() ([]Device, chan struct{}) {
 	return e.devices, e.update
 }
 
+func (e *endpoint) stopCount() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.stops
+}
+
 func (e *endpoint) stopServer() {
 	e.mu.Lock()
 	srv := e.server
 	e.server = nil
+	e.stops++
 	e.mu.Unlock()
 	if srv != nil {
 		srv.Stop()
@@ -256,8 +319,15 @@ func (e *endpoint) GetDevicePluginOptions(context.Context, *pluginapi.Empty) (*p
 }
 
 // ListAndWatch sends the complete device list, all healthy, at once and
-// after every change.
+// after every change. The kubelet keeps the stream open while it runs:
+// when it ends, the kubelet is gone (ended).
 func (e *endpoint) ListAndWatch(_ *pluginapi.Empty, s grpc.ServerStreamingServer[pluginapi.ListAndWatchResponse]) error {
+	stops := e.stopCount()
+	defer func() {
+		if e.stopCount() == stops { // not the plugin's own restart of the server
+			e.ended()
+		}
+	}()
 	for {
 		devs, update := e.snapshot()
 		resp := &pluginapi.ListAndWatchResponse{Devices: make([]*pluginapi.Device, 0, len(devs))}

@@ -107,7 +107,19 @@ func TestPlugin(t *testing.T) {
 	_, err = api.Allocate(ctx, &pluginapi.AllocateRequest{ContainerRequests: []*pluginapi.ContainerAllocateRequest{{DevicesIds: []string{"MIG-b"}}}})
 	assert.ErrorContains(t, err, "nvidia.com/mig-1g.10gb device MIG-b: not advertised by dynamig's device plugin")
 
-	// A restarted kubelet makes kubelet.sock anew.
+	assert.Equal(t, KubeletState{}, p.Kubelet(), "the kubelet has not gone")
+
+	// The kubelet goes: its streams end. A restarted kubelet makes
+	// kubelet.sock anew; once every resource has registered again, the
+	// kubelet is back.
+	require.NoError(t, conn.Close())
+	select {
+	case <-p.KubeletChanged():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no word that the kubelet went")
+	}
+	assert.Equal(t, KubeletState{Gone: true}, p.Kubelet())
 	reg2 := serveKubelet(t, dir)
-	require.Eventually(t, func() bool { return len(reg2.resources()) == 2 }, 5*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return len(reg2.resources()) == 2 && !p.Kubelet().Back.IsZero() }, 5*time.Second, 10*time.Millisecond)
+	assert.False(t, p.Kubelet().Gone, "every resource registered with the new kubelet")
 }

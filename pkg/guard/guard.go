@@ -22,7 +22,10 @@ const (
 	Identity = "identity"
 	// Refused: the agent never pursues a plan it refused.
 	Refused = "refused-plan"
+	// KubeletRestart: in agent mode, the scheduler binds no MIG pod to a
+	// node from when its kubelet goes until a while after it is back.
+	KubeletRestart = "kubelet-restart"
 )
 
 // All lists the guards.
-var All = []string{InFlight, Admission, Recheck, Identity, Refused}
+var All = []string{InFlight, Admission, Recheck, Identity, Refused, KubeletRestart}

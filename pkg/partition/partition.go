@@ -43,8 +43,9 @@ type Node struct {
 	PlanID   string
 	InFlight bool
 	PlanTime time.Time
-	// Restarting is true while the agent restarts the node's device plugin
-	// (condition DevicePluginRestarting), a plan in flight or not.
+	// Restarting is true while the agent restarts the node's device plugin,
+	// or in agent mode while the node's kubelet restarts (condition
+	// DevicePluginRestarting), a plan in flight or not.
 	Restarting bool
 	// AgentAdvertises is true when the agent is the node's device plugin
 	// (status.devicePlugin agent); Advertised then counts, per resource

@@ -12,6 +12,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 
 	"github.com/dynamig/dynamig/node-agent/cdi"
 	"github.com/dynamig/dynamig/node-agent/deviceplugin"
@@ -250,5 +251,71 @@ func TestAgentModeBindsOnTheAgentsWord(t *testing.T) {
 	cancel()
 	<-sampled
 	assert.Empty(t, disturbed, "kubelet could allocate the 3g.40gb, and only it, throughout")
+	e.invariants()
+}
+
+// A kubelet restart in agent mode: the restarted kubelet restores every
+// device holder from its checkpoint — those of pods deleted while it was
+// down too — and releases them only once it has read its pods from the
+// API server (about a second after it starts); it admits that first
+// batch before, so a pod bound to the node meanwhile is refused
+// ("Requested: 1, Available: 0") for good. The agent keeps MIG pods off
+// the node from when its kubelet goes until kubeletSettle after its
+// plugin registered with the new one (guard kubelet-restart). Here the
+// node's two 3g.40gb are held, one holder is deleted while kubelet is
+// down, and a third pod comes the moment the agent reports the slices
+// allocatable again: it is bound once kubelet has settled and runs on the
+// freed slice. With the guard off it is bound at once and either fails
+// admission or, if kubelet read its pods first, is given the freed slice
+// while the deleted pod's container still runs on it (kubelet stops such
+// orphans only in its housekeeping, every 2 s once its sources are ready):
+// 3 of 3 runs failed so, 3 of 3 passed with the guard (2026-11-30).
+func TestKubeletRestartKeepsMIGPodsOff(t *testing.T) {
+	e := newEnv(t, "kubeletrestart")
+	e.agent, e.suffix = true, e.suffix+"-agent"
+	const r3 = "nvidia.com/mig-3g.40gb"
+	n := e.nodeWith(kubeletnode.Options{Name: "kr", Models: []string{"A100-80GB"},
+		Slices: map[int][]mig.Slice{0: {
+			{Profile: mig.MustParseProfile("3g.40gb"), Start: 0}, {Profile: mig.MustParseProfile("3g.40gb"), Start: 4}}}})
+	e.pod("a", 0, map[string]int64{r3: 1})
+	e.pod("b", 0, map[string]int64{r3: 1})
+	e.waitPhase(60*time.Second, v1.PodRunning, "a", "b")
+	freed := n.Holding(e.ns + "/a")[r3]
+	require.Len(t, freed, 1)
+	ctx := context.Background()
+	advertised := func() int {
+		np, err := cluster.Partition(ctx, n.Name)
+		if err != nil || len(np.Status.GPUs) == 0 {
+			return -1
+		}
+		count := 0
+		for _, s := range np.Status.GPUs[0].Slices {
+			if s.Advertised {
+				count++
+			}
+		}
+		return count
+	}
+
+	n.KillKubelet()
+	require.NoError(t, cluster.Kube.CoreV1().Pods(e.ns).Delete(ctx, "a", metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}))
+	e.waitFor(10*time.Second, "the agent reports kubelet gone", func() bool { return advertised() == 0 })
+	require.NoError(t, n.StartKubelet())
+	start := time.Now()
+	e.waitFor(30*time.Second, "kubelet can allocate both slices again", func() bool { return advertised() == 2 })
+	t.Logf("agent reports the slices allocatable %v after kubelet started", time.Since(start).Round(time.Millisecond))
+	e.pod("c", 0, map[string]int64{r3: 1})
+	e.waitFor(60*time.Second, "c Running or Failed", func() bool {
+		return e.phase("c") == v1.PodRunning || e.phase("c") == v1.PodFailed
+	})
+	c, err := cluster.Kube.CoreV1().Pods(e.ns).Get(ctx, "c", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Equal(t, v1.PodRunning, c.Status.Phase, "%s: %s", c.Status.Reason, c.Status.Message)
+	t.Logf("c Running %v after kubelet started", time.Since(start).Round(time.Millisecond))
+	assert.Equal(t, freed, n.Holding(e.ns + "/c")[r3], "c has the slice a had")
+	assert.Equal(t, v1.PodRunning, e.phase("b"))
+	np, err := cluster.Partition(ctx, n.Name)
+	require.NoError(t, err)
+	assert.True(t, meta.IsStatusConditionFalse(np.Status.Conditions, v1alpha1.ConditionRestarting), "the node is open again")
 	e.invariants()
 }

@@ -466,15 +466,22 @@ func (n *Node) DeviceAt(gpuIndex int, s mig.Slice) (string, error) {
 // the same root directory: it deletes the plugin sockets, reads its
 // checkpoint back, and the device plugin registers again.
 func (n *Node) RestartKubelet(down time.Duration) error {
-	n.killKubelet()
+	n.KillKubelet()
 	if !sleep(n.ctx, down) {
 		return n.ctx.Err()
 	}
+	return n.StartKubelet()
+}
+
+// StartKubelet starts a killed kubelet again (RestartKubelet).
+func (n *Node) StartKubelet() error {
 	n.exited = make(chan struct{})
 	return n.startKubelet()
 }
 
-func (n *Node) killKubelet() {
+// KillKubelet kills the kubelet (SIGKILL) and waits until it is gone; the
+// runtime, its containers and the device plugin stay.
+func (n *Node) KillKubelet() {
 	if n.kubelet != nil && n.kubelet.Process != nil {
 		_ = n.kubelet.Process.Signal(syscall.SIGKILL)
 		<-n.exited
@@ -485,7 +492,7 @@ func (n *Node) killKubelet() {
 // object stays.
 func (n *Node) Stop() {
 	n.cancel()
-	n.killKubelet()
+	n.KillKubelet()
 	n.mu.Lock()
 	if n.plugin != nil {
 		n.plugin.close()

@@ -67,6 +67,12 @@ func (p *AgentPlugin) Run(ctx context.Context) error {
 	return nil
 }
 
+// Kubelet is never restarted on this node model: the kubelet is always there.
+func (p *AgentPlugin) Kubelet() deviceplugin.KubeletState { return deviceplugin.KubeletState{} }
+
+// KubeletChanged is never signalled.
+func (p *AgentPlugin) KubeletChanged() <-chan struct{} { return nil }
+
 // advertiseLocked makes each resource listed have exactly its devices,
 // all healthy. Callers hold n.mu.
 func (n *Node) advertiseLocked(ids map[string][]string) {

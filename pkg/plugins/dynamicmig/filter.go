@@ -73,7 +73,7 @@ func (p *DynamicMIG) PreFilterExtensions() fwk.PreFilterExtensions { return nil 
 // plan is logged at verbosity 4, and PostFilter's event names the plan.
 const (
 	reasonRepartitioning = "node being repartitioned (its MIG plan is not applied yet)"
-	reasonRestarting     = "node's GPU device plugin is restarting"
+	reasonRestarting     = "node's GPU device plugin or kubelet is restarting"
 )
 
 // Filter rejects a node without enough free slices of the pod's profiles
@@ -87,7 +87,8 @@ const (
 // It also rejects every MIG pod on a node whose published plan is not
 // applied yet — unless the node is in agent mode and its agent reports
 // the plan's destroys withdrawn from kubelet (then the slices advertised
-// so far count) — or whose agent restarts the device plugin. The kubelet, not
+// so far count) — or whose agent restarts the device plugin, or, in agent
+// mode, whose kubelet restarts (see the agent's kubeletSettle). The kubelet, not
 // the scheduler, picks the device a pod gets, from all the device plugin
 // still advertises — slices the plan is about to destroy included; and
 // the agent restarts the NVIDIA device plugin to apply the plan, during

@@ -105,7 +105,8 @@ type NodePartitionStatus struct {
 	// Conditions: Applied (the spec's layout exists and is advertised),
 	// Failed (why the last apply did not succeed, in words a user can act
 	// on), and DevicePluginRestarting (True while the agent restarts the
-	// device plugin: the scheduler binds no MIG pod to the node then).
+	// device plugin, or in agent mode while the kubelet restarts: the
+	// scheduler binds no MIG pod to the node then).
 	// +optional
 	// +listType=map
 	// +listMapKey=type
