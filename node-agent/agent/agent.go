@@ -45,6 +45,10 @@ type Kubelet interface {
 	Devices(ctx context.Context, prefix string, pods []string) (podresources.Devices, error)
 	// Allocatable lists the devices kubelet can hand out.
 	Allocatable(ctx context.Context, prefix string) (map[string][]string, error)
+	// Restarts says whether the connection to kubelet was lost and when it
+	// was last made again; RestartsChanged is signalled when that changes.
+	Restarts() podresources.Restarts
+	RestartsChanged() <-chan struct{}
 }
 
 // Config is the agent's configuration.
@@ -220,16 +224,6 @@ func (a *Agent) Run(ctx context.Context) error {
 			stopPlugin()
 			<-stopped
 		}()
-		go func() { // a kubelet that goes or comes back closes or opens the node
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case <-a.cfg.Plugin.KubeletChanged():
-					a.queue.Add(queueKey)
-				}
-			}
-		}()
 		logger.Info("agent started; it is the node's device plugin")
 	} else {
 		logger.Info("agent started", "devicePlugin", a.cfg.DevicePluginNamespace+"/"+a.cfg.DevicePluginSelector)
@@ -239,6 +233,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		<-ctx.Done()
 		a.queue.ShutDown()
 	}()
+	go a.followKubelet(ctx)
 	for {
 		key, quit := a.queue.Get()
 		if quit {
@@ -260,6 +255,24 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.queue.AddAfter(key, a.cfg.ResyncPeriod)
 		}
 		a.queue.Done(key)
+	}
+}
+
+// followKubelet syncs whenever the kubelet goes or comes back, which
+// closes or opens the node (kubeletRestarting).
+func (a *Agent) followKubelet(ctx context.Context) {
+	var plugin <-chan struct{} // nil: never ready
+	if a.cfg.Plugin != nil {
+		plugin = a.cfg.Plugin.KubeletChanged()
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-plugin:
+		case <-a.kubelet.RestartsChanged():
+		}
+		a.queue.Add(queueKey)
 	}
 }
 
@@ -383,8 +396,8 @@ func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.N
 	return errWait{why: out.wait + out.closed}
 }
 
-// kubeletSettle is how long a node in agent mode takes no MIG pod after
-// the agent's plugin registered again with a restarted kubelet. Until the
+// kubeletSettle is how long a node takes no MIG pod after its kubelet
+// restarted (kubeletRestarting). Until the
 // kubelet has read its pods from the API server (its first batch, which
 // it admits before it counts its sources ready: about a second after the
 // plugins register, measured here), it keeps the devices of pods deleted
@@ -394,19 +407,28 @@ func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.N
 // that batch.
 const kubeletSettle = 5 * time.Second
 
-// kubeletRestarting says, on a node in agent mode, why the node takes no
-// MIG pod while its kubelet restarts: from when the kubelet goes (the
-// plugin's streams end) until kubeletSettle after the plugin registered
-// with the new one. "" otherwise.
+// kubeletRestarting says why the node takes no MIG pod while its kubelet
+// restarts: from when the kubelet goes (it closes the PodResources
+// connection and, in agent mode, the plugin's streams) until kubeletSettle
+// after it is back (the connection made again and, in agent mode, the
+// plugin registered with it). "" otherwise.
 func (a *Agent) kubeletRestarting() string {
-	if a.cfg.Plugin == nil || guard.Off(guard.KubeletRestart) {
+	if guard.Off(guard.KubeletRestart) {
 		return ""
 	}
-	k := a.cfg.Plugin.Kubelet()
-	if k.Gone {
-		return "kubelet is gone (it closed the device plugin's streams): no MIG pod is bound to the node until it is back and has read its pods"
+	r := a.kubelet.Restarts()
+	gone, back := r.Gone, r.Back
+	if a.cfg.Plugin != nil {
+		k := a.cfg.Plugin.Kubelet()
+		gone = gone || k.Gone
+		if k.Back.After(back) {
+			back = k.Back
+		}
 	}
-	if since := time.Since(k.Back); since < kubeletSettle {
+	if gone {
+		return "kubelet is gone (it closed its connections to the agent): no MIG pod is bound to the node until it is back and has read its pods"
+	}
+	if since := time.Since(back); since < kubeletSettle {
 		return fmt.Sprintf("kubelet restarted %s ago: until it has read its pods it counts the devices of pods deleted while it was down as allocated; no MIG pod is bound to the node for %s",
 			since.Round(time.Millisecond), (kubeletSettle - since).Round(time.Millisecond))
 	}

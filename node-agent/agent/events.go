@@ -13,8 +13,8 @@ const (
 	// restarts the device plugin; ReasonNotRestarting: it does not.
 	ReasonRestarting    = "Restarting"
 	ReasonNotRestarting = "NotRestarting"
-	// ReasonKubeletRestarting, on DevicePluginRestarting and Applied, in
-	// agent mode: the node's kubelet went, or came back less than 5 s ago;
+	// ReasonKubeletRestarting, on DevicePluginRestarting and Applied: the
+	// node's kubelet went, or came back less than 5 s ago;
 	// the agent changes nothing and the scheduler binds no MIG pod to the
 	// node until it has settled.
 	ReasonKubeletRestarting = "KubeletRestarting"

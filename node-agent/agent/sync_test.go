@@ -375,8 +375,9 @@ func TestAllocatableDiff(t *testing.T) {
 // fakeKubelet answers PodResources with fixed devices, and records whom
 // Devices was asked about.
 type fakeKubelet struct {
-	devices podresources.Devices
-	asked   *[][]string
+	devices  podresources.Devices
+	asked    *[][]string
+	restarts podresources.Restarts
 }
 
 func (f fakeKubelet) Devices(_ context.Context, _ string, pods []string) (podresources.Devices, error) {
@@ -385,6 +386,9 @@ func (f fakeKubelet) Devices(_ context.Context, _ string, pods []string) (podres
 	}
 	return f.devices, nil
 }
+
+func (f fakeKubelet) Restarts() podresources.Restarts  { return f.restarts }
+func (f fakeKubelet) RestartsChanged() <-chan struct{} { return nil }
 
 func (f fakeKubelet) Allocatable(context.Context, string) (map[string][]string, error) {
 	return f.devices.Allocatable, nil
@@ -460,13 +464,14 @@ func (f *fakePlugin) Run(context.Context) error              { return nil }
 func (f *fakePlugin) Kubelet() deviceplugin.KubeletState     { return f.kubelet }
 func (f *fakePlugin) KubeletChanged() <-chan struct{}        { return nil }
 
-// In agent mode the node takes no MIG pod from when its kubelet goes until
-// kubeletSettle after the plugin registered with the new one: the agent
-// says so on DevicePluginRestarting (which Filter reads) and Applied, and
-// applies nothing meanwhile. Restart mode has no such window here.
+// The node takes no MIG pod from when its kubelet goes until kubeletSettle
+// after it is back: the agent says so on DevicePluginRestarting (which
+// Filter reads) and Applied, and applies nothing meanwhile. The kubelet is
+// back once the PodResources connection is made again and, in agent mode,
+// the agent's plugin has registered with it.
 func TestKubeletRestartClosesTheNode(t *testing.T) {
-	p := &fakePlugin{kubelet: deviceplugin.KubeletState{Gone: true}}
-	a := &Agent{cfg: Config{Plugin: p}}
+	p := &fakePlugin{}
+	a := &Agent{cfg: Config{Plugin: p}, kubelet: fakeKubelet{restarts: podresources.Restarts{Gone: true}}}
 	why := a.kubeletRestarting()
 	assert.Contains(t, why, "kubelet is gone")
 	st, _ := report(spec("p-2", layout(0, "1g.10gb@0")), &v1.Node{}, &observation{gpus: []Observed{a100(t, 0)}}, outcome{closed: why}, metav1.Now())
@@ -480,14 +485,21 @@ func TestKubeletRestartClosesTheNode(t *testing.T) {
 	assert.Equal(t, metav1.ConditionFalse, applied.Status)
 	assert.Equal(t, "plan p-2: "+why, applied.Message)
 
+	long := time.Now().Add(-kubeletSettle)
+	a.kubelet = fakeKubelet{restarts: podresources.Restarts{Back: long}}
+	p.kubelet = deviceplugin.KubeletState{Gone: true}
+	assert.Contains(t, a.kubeletRestarting(), "kubelet is gone", "the plugin has not registered again")
 	p.kubelet = deviceplugin.KubeletState{Back: time.Now().Add(-time.Second)}
 	assert.Contains(t, a.kubeletRestarting(), "kubelet restarted 1s ago")
-	p.kubelet.Back = time.Now().Add(-kubeletSettle)
+	p.kubelet.Back = long
 	assert.Empty(t, a.kubeletRestarting(), "settled")
 	st, _ = report(spec("p-2", layout(0, "1g.10gb@0")), &v1.Node{}, &observation{gpus: []Observed{a100(t, 0)}}, outcome{}, metav1.Now())
 	assert.True(t, meta.IsStatusConditionFalse(st.Conditions, v1alpha1.ConditionRestarting))
 
-	assert.Empty(t, (&Agent{}).kubeletRestarting(), "restart mode")
+	restartMode := &Agent{kubelet: fakeKubelet{restarts: podresources.Restarts{Back: time.Now().Add(-2 * time.Second)}}}
+	assert.Contains(t, restartMode.kubeletRestarting(), "kubelet restarted 2s ago", "restart mode: the PodResources connection alone")
+	restartMode.kubelet = fakeKubelet{}
+	assert.Empty(t, restartMode.kubeletRestarting(), "never restarted")
 }
 
 type kubeletFollows struct {

@@ -10,10 +10,13 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	v1 "k8s.io/kubelet/pkg/apis/podresources/v1"
@@ -28,20 +31,93 @@ type Client struct {
 	api     v1.PodResourcesListerClient
 	socket  string
 	timeout time.Duration
+	stop    context.CancelFunc
+
+	mu       sync.Mutex
+	restarts Restarts
+	changed  chan struct{} // signalled when restarts changes
+}
+
+// Restarts is what the client knows of the kubelet's restarts.
+type Restarts struct {
+	// Gone: the connection to kubelet, once made, was lost (kubelet closed
+	// it: it stopped or restarts), and has not been made again.
+	Gone bool
+	// Back is when the connection was last made again after it was lost;
+	// zero if it never was.
+	Back time.Time
 }
 
 // Dial prepares a client for the socket; it connects on first use, so a
-// kubelet that is not up yet is an error of Devices, not of Dial.
+// kubelet that is not up yet is an error of Devices, not of Dial. It
+// watches the connection until Close (Restarts): when kubelet goes, it
+// reconnects at once and then every 0.1–1 s, not at gRPC's default
+// backoff (up to 2 min), so that it sees kubelet back within a second.
 func Dial(socket string, timeout time.Duration) (*Client, error) {
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithIdleTimeout(0), // an idle channel is not a lost kubelet
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+			BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second}}))
 	if err != nil {
 		return nil, fmt.Errorf("kubelet PodResources API at %s: %w", socket, err)
 	}
-	return &Client{conn: conn, api: v1.NewPodResourcesListerClient(conn), socket: socket, timeout: timeout}, nil
+	ctx, stop := context.WithCancel(context.Background())
+	c := &Client{conn: conn, api: v1.NewPodResourcesListerClient(conn), socket: socket, timeout: timeout, stop: stop,
+		changed: make(chan struct{}, 1)}
+	go c.watch(ctx)
+	return c, nil
 }
 
 // Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+func (c *Client) Close() error {
+	c.stop()
+	return c.conn.Close()
+}
+
+// Restarts says what the client knows of the kubelet's restarts.
+func (c *Client) Restarts() Restarts {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.restarts
+}
+
+// RestartsChanged is signalled whenever Restarts' answer changes.
+func (c *Client) RestartsChanged() <-chan struct{} { return c.changed }
+
+// watch follows the connection's state: a connection that leaves Ready
+// was lost (kubelet closed it); one Ready again is kubelet back.
+func (c *Client) watch(ctx context.Context) {
+	ready := false
+	for {
+		st := c.conn.GetState()
+		switch {
+		case st == connectivity.Ready && !ready:
+			ready = true
+			if c.Restarts().Gone {
+				c.setRestarts(Restarts{Back: time.Now()})
+			}
+		case st != connectivity.Ready && ready:
+			ready = false
+			c.setRestarts(Restarts{Gone: true, Back: c.Restarts().Back})
+			c.conn.Connect()
+		case st == connectivity.Idle && c.Restarts().Gone:
+			c.conn.Connect()
+		}
+		if !c.conn.WaitForStateChange(ctx, st) {
+			return
+		}
+	}
+}
+
+func (c *Client) setRestarts(r Restarts) {
+	c.mu.Lock()
+	c.restarts = r
+	c.mu.Unlock()
+	select {
+	case c.changed <- struct{}{}:
+	default:
+	}
+}
 
 // Devices is kubelet's view of the devices of the resources asked for.
 type Devices struct {

@@ -164,3 +164,40 @@ func TestGetFailures(t *testing.T) {
 	assert.True(t, podUnknown(status.Error(codes.Unknown, "pod p in namespace team not found")))
 	assert.False(t, podUnknown(status.Error(codes.Unknown, "PodResources API Get method disabled")))
 }
+
+// The client notices kubelet going (the connection it had is closed) and
+// coming back (a server on the socket again), and says so
+// (Restarts) and signals each change; a kubelet not up yet when the agent
+// starts is not a restart.
+func TestRestarts(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "kubelet.sock")
+	c, err := Dial(socket, time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	ctx := context.Background()
+	_, err = c.Allocatable(ctx, "nvidia.com/")
+	require.Error(t, err, "no kubelet yet")
+	assert.Equal(t, Restarts{}, c.Restarts())
+
+	srv := NewServer()
+	require.NoError(t, srv.Serve(socket))
+	require.Eventually(t, func() bool { _, err := c.Allocatable(ctx, "nvidia.com/"); return err == nil }, 5*time.Second, 20*time.Millisecond)
+	assert.Equal(t, Restarts{}, c.Restarts(), "the first connection")
+
+	srv.Stop()
+	select {
+	case <-c.RestartsChanged():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no word that kubelet went")
+	}
+	assert.Equal(t, Restarts{Gone: true}, c.Restarts())
+	time.Sleep(1500 * time.Millisecond) // the client retries meanwhile
+	srv2 := NewServer()
+	require.NoError(t, srv2.Serve(socket))
+	t.Cleanup(srv2.Stop)
+	start := time.Now()
+	require.Eventually(t, func() bool { return !c.Restarts().Gone }, 5*time.Second, 10*time.Millisecond)
+	t.Logf("kubelet seen back after %v", time.Since(start).Round(time.Millisecond))
+	assert.Less(t, time.Since(start), 3*time.Second, "reconnects at most a second apart (gRPC's default backoff grows to 2 min)")
+	assert.WithinDuration(t, time.Now(), c.Restarts().Back, 2*time.Second)
+}

@@ -22,8 +22,8 @@ const (
 	Identity = "identity"
 	// Refused: the agent never pursues a plan it refused.
 	Refused = "refused-plan"
-	// KubeletRestart: in agent mode, the scheduler binds no MIG pod to a
-	// node from when its kubelet goes until a while after it is back.
+	// KubeletRestart: the scheduler binds no MIG pod to a node from when
+	// its kubelet goes until a while after it is back.
 	KubeletRestart = "kubelet-restart"
 )
 

@@ -44,7 +44,7 @@ type Node struct {
 	InFlight bool
 	PlanTime time.Time
 	// Restarting is true while the agent restarts the node's device plugin,
-	// or in agent mode while the node's kubelet restarts (condition
+	// or while the node's kubelet restarts (condition
 	// DevicePluginRestarting), a plan in flight or not.
 	Restarting bool
 	// AgentAdvertises is true when the agent is the node's device plugin

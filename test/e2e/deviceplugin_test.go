@@ -260,16 +260,16 @@ func TestAgentModeBindsOnTheAgentsWord(t *testing.T) {
 // API server (about a second after it starts); it admits that first
 // batch before, so a pod bound to the node meanwhile is refused
 // ("Requested: 1, Available: 0") for good. The agent keeps MIG pods off
-// the node from when its kubelet goes until kubeletSettle after its
-// plugin registered with the new one (guard kubelet-restart). Here the
+// the node from when its kubelet goes until kubeletSettle after it is
+// back (guard kubelet-restart). Here the
 // node's two 3g.40gb are held, one holder is deleted while kubelet is
 // down, and a third pod comes the moment the agent reports the slices
 // allocatable again: it is bound once kubelet has settled and runs on the
-// freed slice. With the guard off it is bound at once and either fails
-// admission or, if kubelet read its pods first, is given the freed slice
-// while the deleted pod's container still runs on it (kubelet stops such
-// orphans only in its housekeeping, every 2 s once its sources are ready):
-// 3 of 3 runs failed so, 3 of 3 passed with the guard (2026-11-30).
+// freed slice. With the guard off it is bound at once and is refused
+// ("Requested: 1, Available: 0"), or, if kubelet has read its pods by
+// then, given the freed slice while the deleted pod's container still
+// runs on it (kubelet stops such orphans in its housekeeping, which waits
+// for its sources too).
 func TestKubeletRestartKeepsMIGPodsOff(t *testing.T) {
 	e := newEnv(t, "kubeletrestart")
 	e.agent, e.suffix = true, e.suffix+"-agent"

@@ -87,8 +87,8 @@ const (
 // It also rejects every MIG pod on a node whose published plan is not
 // applied yet — unless the node is in agent mode and its agent reports
 // the plan's destroys withdrawn from kubelet (then the slices advertised
-// so far count) — or whose agent restarts the device plugin, or, in agent
-// mode, whose kubelet restarts (see the agent's kubeletSettle). The kubelet, not
+// so far count) — or whose agent restarts the device plugin, or whose
+// kubelet restarts (see the agent's kubeletSettle). The kubelet, not
 // the scheduler, picks the device a pod gets, from all the device plugin
 // still advertises — slices the plan is about to destroy included; and
 // the agent restarts the NVIDIA device plugin to apply the plan, during

@@ -105,7 +105,7 @@ type NodePartitionStatus struct {
 	// Conditions: Applied (the spec's layout exists and is advertised),
 	// Failed (why the last apply did not succeed, in words a user can act
 	// on), and DevicePluginRestarting (True while the agent restarts the
-	// device plugin, or in agent mode while the kubelet restarts: the
+	// device plugin, or while the node's kubelet restarts: the
 	// scheduler binds no MIG pod to the node then).
 	// +optional
 	// +listType=map
