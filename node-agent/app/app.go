@@ -43,6 +43,13 @@ type Options struct {
 	DevicePlugin, DevicePluginDir string
 	// CDISpecDir holds the CDI specs of the devices (agent mode).
 	CDISpecDir string
+	// CDIEdits is what a device's CDI spec holds besides
+	// NVIDIA_VISIBLE_DEVICES: "toolkit" (the NVIDIA container toolkit's
+	// edits for it), "env" (nothing more) or "auto" (toolkit on NVML, env
+	// on simulated GPUs, which have no driver files).
+	CDIEdits string
+	// Toolkit says where the driver is, for CDIEdits toolkit.
+	Toolkit cdi.ToolkitOptions
 	// Logs is the logging configuration of -v/--v, --vmodule and
 	// --logging-format (text or json); the caller applies it with
 	// logsapi.ValidateAndApply before Run.
@@ -59,6 +66,11 @@ func (o *Options) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.DevicePlugin, "device-plugin", "nvidia", "who advertises the node's GPU resources to the kubelet: nvidia (NVIDIA's device plugin, restarted after every change) or agent (this agent; switch NVIDIA's off on the node, README)")
 	fs.StringVar(&o.DevicePluginDir, "device-plugin-dir", deviceplugin.DefaultDir, "the kubelet's device-plugin directory (agent mode)")
 	fs.StringVar(&o.CDISpecDir, "cdi-spec-dir", cdi.DefaultDir, "where the agent writes the CDI spec of each device it advertises (agent mode)")
+	fs.StringVar(&o.CDIEdits, "cdi-edits", "auto", "what a device's CDI spec gives the container besides NVIDIA_VISIBLE_DEVICES (agent mode): toolkit (the device nodes, driver libraries and hooks the NVIDIA container toolkit's CDI library generates for it), env (nothing more: the NVIDIA runtime must inject the device), or auto (toolkit, but env with --simulate)")
+	fs.StringVar(&o.Toolkit.HostRoot, "host-root", "/", "where the agent sees the host's / (the Helm chart mounts it at /host), for --cdi-edits toolkit: the specs name host paths")
+	fs.StringVar(&o.Toolkit.DriverRoot, "driver-root", "/", "where the agent sees the NVIDIA driver's files, for --cdi-edits toolkit: the host root for a driver installed on the host, <host root>/run/nvidia/driver for the GPU Operator's driver container")
+	fs.StringVar(&o.Toolkit.DevRoot, "dev-root", "", "where the agent sees the NVIDIA device nodes' /dev parent, for --cdi-edits toolkit (default: --driver-root)")
+	fs.StringVar(&o.Toolkit.HookPath, "nvidia-cdi-hook-path", "/usr/local/nvidia/toolkit/nvidia-cdi-hook", "the NVIDIA container toolkit's nvidia-cdi-hook on the host, which the container runtime runs (GPU Operator: /usr/local/nvidia/toolkit/nvidia-cdi-hook; a host install: /usr/bin/nvidia-cdi-hook)")
 	fs.StringVar(&o.DevicePluginNamespace, "device-plugin-namespace", "gpu-operator", "namespace of the NVIDIA device plugin pods")
 	fs.StringVar(&o.DevicePluginSelector, "device-plugin-selector", "app=nvidia-device-plugin-daemonset", "label selector of the NVIDIA device plugin pods")
 	fs.DurationVar(&o.DevicePluginTimeout, "device-plugin-timeout", 2*time.Minute, "how long to wait for the device plugin to re-advertise the slices after a change")
@@ -81,6 +93,15 @@ func (o *Options) Validate() error {
 	}
 	if o.DevicePlugin != "nvidia" && o.DevicePlugin != "agent" {
 		errs = append(errs, fmt.Errorf("--device-plugin must be nvidia or agent, got %q", o.DevicePlugin))
+	}
+	switch o.CDIEdits {
+	case "auto", "env":
+	case "toolkit":
+		if o.Simulate != "" {
+			errs = append(errs, errors.New("--cdi-edits toolkit needs the NVIDIA driver: simulated GPUs (--simulate) have none; use env or auto"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--cdi-edits must be auto, toolkit or env, got %q", o.CDIEdits))
 	}
 	if o.ResyncPeriod <= 0 {
 		errs = append(errs, fmt.Errorf("--resync-period must be positive, got %s", o.ResyncPeriod))
@@ -123,11 +144,18 @@ func Run(ctx context.Context, o Options) error {
 	}
 	defer func() { _ = kubelet.Close() }()
 	if o.DevicePlugin == "agent" {
-		specs, err := cdi.New(o.CDISpecDir)
+		var edits cdi.Edits
+		if o.CDIEdits == "toolkit" || o.CDIEdits == "auto" && o.Simulate == "" {
+			if edits, err = cdi.NewToolkit(lib.Interface(), o.Toolkit); err != nil {
+				return err
+			}
+		}
+		specs, err := cdi.New(o.CDISpecDir, edits)
 		if err != nil {
 			return err
 		}
 		o.Plugin, o.CDI = deviceplugin.New(o.DevicePluginDir), specs
+		logger.Info("agent mode", "cdiSpecDir", o.CDISpecDir, "cdiEdits", o.CDIEdits, "driverRoot", o.Toolkit.DriverRoot)
 	}
 	a, err := agent.NewForConfig(cfg, o.Config, lib, kubelet)
 	if err != nil {

@@ -7,9 +7,13 @@
 // returns. Specs are validated and written atomically by the CDI library
 // the runtimes use (tags.cncf.io/container-device-interface).
 //
-// A spec gives the container NVIDIA_VISIBLE_DEVICES=<MIG UUID>; the device
-// nodes and driver libraries are left to the NVIDIA container runtime
-// (not written here yet).
+// Where the NVIDIA driver is present a spec holds the edits the NVIDIA
+// container toolkit's CDI library generates for the device (Toolkit): its
+// device nodes, the driver's libraries and the toolkit's hooks, and
+// NVIDIA_VISIBLE_DEVICES=void, so that no NVIDIA runtime hook injects it
+// again. Without them (Edits nil) it holds NVIDIA_VISIBLE_DEVICES=<MIG
+// UUID>, and the container gets its device only from a runtime that reads
+// that variable.
 package cdi
 
 import (
@@ -34,10 +38,17 @@ type Specs struct {
 	dir    string
 	cache  *cdi.Cache
 	prefix string // of the agent's spec files
+	edits  Edits
 }
 
-// New prepares dir (creating it).
-func New(dir string) (*Specs, error) {
+// Edits are the container edits that give a container a device, but
+// NVIDIA_VISIBLE_DEVICES (Toolkit).
+type Edits interface {
+	Edits(id string) (specs.ContainerEdits, error)
+}
+
+// New prepares dir (creating it); edits, if not nil, add to every spec.
+func New(dir string, edits Edits) (*Specs, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("CDI spec directory: %w", err)
 	}
@@ -46,7 +57,7 @@ func New(dir string) (*Specs, error) {
 		return nil, err
 	}
 	vendor, class := parser.ParseQualifier(deviceplugin.CDIKind)
-	return &Specs{dir: dir, cache: cache, prefix: cdi.GenerateTransientSpecName(vendor, class, "")}, nil
+	return &Specs{dir: dir, cache: cache, prefix: cdi.GenerateTransientSpecName(vendor, class, ""), edits: edits}, nil
 }
 
 // Sync makes the directory hold exactly the specs of the devices ids: it
@@ -79,24 +90,35 @@ func (s *Specs) Sync(ids []string) error {
 		if have[name] {
 			continue
 		}
-		if err := s.cache.WriteSpec(Spec(id), name); err != nil {
+		spec, err := s.spec(id)
+		if err != nil {
+			return err
+		}
+		if err := s.cache.WriteSpec(spec, name); err != nil {
 			return fmt.Errorf("writing the CDI spec of %s into %s: %w", id, s.dir, err)
 		}
 	}
 	return nil
 }
 
-// Spec is the CDI spec of one device.
-func Spec(id string) *specs.Spec {
-	spec := &specs.Spec{Kind: deviceplugin.CDIKind, Devices: []specs.Device{{
-		Name: id, ContainerEdits: specs.ContainerEdits{Env: []string{"NVIDIA_VISIBLE_DEVICES=" + id}},
-	}}}
+// spec is the CDI spec of one device.
+func (s *Specs) spec(id string) (*specs.Spec, error) {
+	edits := specs.ContainerEdits{Env: []string{"NVIDIA_VISIBLE_DEVICES=" + id}}
+	if s.edits != nil {
+		// The toolkit's edits set NVIDIA_VISIBLE_DEVICES=void, so that an
+		// NVIDIA runtime hook does not inject the device a second time.
+		var err error
+		if edits, err = s.edits.Edits(id); err != nil {
+			return nil, err
+		}
+	}
+	spec := &specs.Spec{Kind: deviceplugin.CDIKind, Devices: []specs.Device{{Name: id, ContainerEdits: edits}}}
 	if v, err := cdi.MinimumRequiredVersion(spec); err == nil {
 		spec.Version = v
 	} else {
 		spec.Version = specs.CurrentVersion
 	}
-	return spec
+	return spec, nil
 }
 
 // Path is where the spec of a device is.

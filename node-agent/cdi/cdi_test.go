@@ -20,7 +20,7 @@ func TestSync(t *testing.T) {
 	dir := t.TempDir()
 	other := filepath.Join(dir, "nvidia.com-gpu.yaml")
 	require.NoError(t, os.WriteFile(other, []byte("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices: [{name: all, containerEdits: {env: [NVIDIA_VISIBLE_DEVICES=all]}}]\n"), 0o644))
-	s, err := New(dir)
+	s, err := New(dir, nil)
 	require.NoError(t, err)
 	require.NoError(t, s.Sync([]string{"MIG-a", "MIG-b"}))
 

@@ -50,6 +50,9 @@ func OpenLibrary(path string) (*NVML, error) {
 	return Open(nvml.New(opts...))
 }
 
+// Interface is the nvml.Interface the GPUs are read through.
+func (n *NVML) Interface() nvml.Interface { return n.lib }
+
 // Close shuts NVML down.
 func (n *NVML) Close() error {
 	return call(n.lib.Shutdown(), "shutting NVML down")

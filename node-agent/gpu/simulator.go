@@ -141,6 +141,17 @@ func NewSimulator(seed string, models ...string) (*Simulator, error) {
 		g.dev.UUID = "GPU-" + uuid.NewSHA1(uuid.NameSpaceOID, fmt.Appendf(nil, "%s/%d", seed, i)).String()
 		s.wireDevice(g)
 	}
+	byGPUUUID := s.srv.DeviceGetHandleByUUIDFunc
+	s.srv.DeviceGetHandleByUUIDFunc = func(id string) (nvml.Device, nvml.Return) {
+		// NVML takes the UUID of a MIG device that exists too.
+		s.mu.Lock()
+		_, ci := s.migDevice(id)
+		s.mu.Unlock()
+		if ci != nil {
+			return ci.device, nvml.SUCCESS
+		}
+		return byGPUUUID(id)
+	}
 	return s, nil
 }
 
@@ -322,6 +333,7 @@ func (g *simGPU) occupancy() mig.Occupancy {
 
 func (s *Simulator) wireDevice(g *simGPU) {
 	d := g.dev
+	d.IsMigDeviceHandleFunc = func() (bool, nvml.Return) { return false, nvml.SUCCESS }
 	d.GetMigModeFunc = func() (int, int, nvml.Return) {
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -445,21 +457,28 @@ func (s *Simulator) wireDevice(g *simGPU) {
 		if !g.current {
 			return nil, nvml.ERROR_NOT_SUPPORTED
 		}
-		var cis []*simCI
-		for _, gi := range g.gis {
-			cis = append(cis, gi.cis...)
-		}
-		sort.Slice(cis, func(a, b int) bool {
-			if cis[a].gi.id != cis[b].gi.id {
-				return cis[a].gi.id < cis[b].gi.id
-			}
-			return cis[a].id < cis[b].id
-		})
+		cis := g.migDevices()
 		if i < 0 || i >= len(cis) {
 			return nil, nvml.ERROR_NOT_FOUND
 		}
 		return cis[i].device, nvml.SUCCESS
 	}
+}
+
+// migDevices are the GPU's MIG devices (compute instances) in the order
+// of their indexes (GetMigDeviceHandleByIndex); callers hold s.mu.
+func (g *simGPU) migDevices() []*simCI {
+	var cis []*simCI
+	for _, gi := range g.gis {
+		cis = append(cis, gi.cis...)
+	}
+	sort.Slice(cis, func(a, b int) bool {
+		if cis[a].gi.id != cis[b].gi.id {
+			return cis[a].gi.id < cis[b].gi.id
+		}
+		return cis[a].id < cis[b].id
+	})
+	return cis
 }
 
 func migMode(on bool) int {
@@ -553,6 +572,16 @@ func (s *Simulator) wireGI(gi *simGI) {
 			return nvml.ComputeInstanceProfileInfo{}, nvml.ERROR_NOT_SUPPORTED
 		}
 		return nvml.ComputeInstanceProfileInfo{Id: uint32(profileIDBase + enum), SliceCount: uint32(n), InstanceCount: uint32(size / n)}, nvml.SUCCESS
+	}
+	h.GetComputeInstanceByIdFunc = func(id int) (nvml.ComputeInstance, nvml.Return) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, ci := range gi.cis {
+			if ci.id == id && !gi.destroyed {
+				return ci.handle, nvml.SUCCESS
+			}
+		}
+		return nil, nvml.ERROR_NOT_FOUND
 	}
 	h.CreateComputeInstanceFunc = func(info *nvml.ComputeInstanceProfileInfo) (nvml.ComputeInstance, nvml.Return) {
 		if ret := s.enter(MethodCreateComputeInstance); ret != nvml.SUCCESS {
@@ -658,6 +687,26 @@ func (s *Simulator) wireCI(ci *simCI, profileID uint32) {
 	md.GetGpuInstanceIdFunc = func() (int, nvml.Return) { return gi.id, nvml.SUCCESS }
 	md.GetComputeInstanceIdFunc = func() (int, nvml.Return) { return ci.id, nvml.SUCCESS }
 	md.GetDeviceHandleFromMigDeviceHandleFunc = func() (nvml.Device, nvml.Return) { return gi.gpu.dev, nvml.SUCCESS }
+	md.GetAttributesFunc = func() (nvml.DeviceAttributes, nvml.Return) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if ci.destroyed {
+			return nvml.DeviceAttributes{}, nvml.ERROR_NOT_FOUND
+		}
+		p := gi.gpu.model.Profiles[gi.profile]
+		return nvml.DeviceAttributes{GpuInstanceSliceCount: uint32(p.ComputeSlices), ComputeInstanceSliceCount: uint32(ci.slices),
+			MemorySizeMB: gi.gpu.info[gi.profile].MemorySizeMB}, nvml.SUCCESS
+	}
+	md.GetIndexFunc = func() (int, nvml.Return) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for i, other := range gi.gpu.migDevices() {
+			if other == ci {
+				return i, nvml.SUCCESS
+			}
+		}
+		return 0, nvml.ERROR_NOT_FOUND
+	}
 	md.GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
 		s.mu.Lock()
 		defer s.mu.Unlock()

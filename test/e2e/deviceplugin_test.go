@@ -44,7 +44,7 @@ func TestAgentDevicePlugin(t *testing.T) {
 		return id
 	}
 	a, b, c := uuid(sl("1g.10gb", 0)), uuid(sl("1g.10gb", 1)), uuid(sl("3g.40gb", 4))
-	specs, err := cdi.New(cdiDir)
+	specs, err := cdi.New(cdiDir, nil)
 	require.NoError(t, err)
 	require.NoError(t, specs.Sync([]string{a, b, c}), "the runtime resolves the devices' CDI names")
 	const r1, r3 = "nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"

@@ -103,11 +103,17 @@ func (c *cluster) testHelmChart(t *testing.T) {
 			assert.Contains(t, agent["command"], "--device-plugin-namespace=nvidia-system")
 			assert.Contains(t, agent["command"], "--device-plugin=agent")
 			assert.Contains(t, agent["command"], "--cdi-spec-dir=/var/run/cdi")
+			// The toolkit's CDI edits, from the GPU Operator's driver, read
+			// through the host's / at /host.
+			assert.Contains(t, agent["command"], "--cdi-edits=toolkit")
+			assert.Contains(t, agent["command"], "--host-root=/host")
+			assert.Contains(t, agent["command"], "--driver-root=/host/run/nvidia/driver")
 			mounts := map[string]any{}
 			for _, m := range agent["volumeMounts"].([]any) {
 				mounts[m.(map[string]any)["name"].(string)] = m.(map[string]any)["mountPath"]
 			}
-			assert.Equal(t, map[string]any{"pod-resources": "/var/lib/kubelet/pod-resources", "device-plugins": "/var/lib/kubelet/device-plugins", "cdi": "/var/run/cdi"}, mounts)
+			assert.Equal(t, map[string]any{"pod-resources": "/var/lib/kubelet/pod-resources", "device-plugins": "/var/lib/kubelet/device-plugins",
+				"cdi": "/var/run/cdi", "host": "/host"}, mounts)
 			assert.Contains(t, kinds, "Role/nvidia-system/dynamig-agent-device-plugin")
 			assert.NotContains(t, kinds, "ValidatingAdmissionPolicy//dynamig-agent-own-node")
 		})

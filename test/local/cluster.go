@@ -320,7 +320,7 @@ func (c *Cluster) StartAgent(name string) error {
 	}
 	cfg := AgentConfig(name, c.opts.DevicePluginTimeout)
 	if n.pluginDir != "" {
-		specs, err := cdi.New(n.cdiDir)
+		specs, err := cdi.New(n.cdiDir, nil)
 		if err != nil {
 			return err
 		}
