@@ -397,14 +397,13 @@ func (a *Agent) hold(ctx context.Context, np *v1alpha1.NodePartition, node *v1.N
 }
 
 // kubeletSettle is how long a node takes no MIG pod after its kubelet
-// restarted (kubeletRestarting). Until the
-// kubelet has read its pods from the API server (its first batch, which
-// it admits before it counts its sources ready: about a second after the
-// plugins register, measured here), it keeps the devices of pods deleted
-// while it was down allocated from its checkpoint, and fails a pod it
-// admits meanwhile that needs one of them ("Requested: 1, Available: 0",
-// UnexpectedAdmissionError) — pods bound to the node in that time are in
-// that batch.
+// restarted (kubeletRestarting). Until the kubelet has read its pods from
+// the API server (its first batch, which it admits before it counts its
+// sources ready: about a second after it starts, measured here), it keeps
+// the devices of pods deleted while it was down allocated from its
+// checkpoint, and fails a pod it admits meanwhile that needs one of them
+// ("Requested: 1, Available: 0", UnexpectedAdmissionError) — pods bound
+// to the node in that time are in that batch.
 const kubeletSettle = 5 * time.Second
 
 // kubeletRestarting says why the node takes no MIG pod while its kubelet
@@ -428,9 +427,10 @@ func (a *Agent) kubeletRestarting() string {
 	if gone {
 		return "kubelet is gone (it closed its connections to the agent): no MIG pod is bound to the node until it is back and has read its pods"
 	}
-	if since := time.Since(back); since < kubeletSettle {
-		return fmt.Sprintf("kubelet restarted %s ago: until it has read its pods it counts the devices of pods deleted while it was down as allocated; no MIG pod is bound to the node for %s",
-			since.Round(time.Millisecond), (kubeletSettle - since).Round(time.Millisecond))
+	if time.Since(back) < kubeletSettle {
+		// One message per restart: the status is not rewritten meanwhile.
+		return fmt.Sprintf("kubelet came back at %s: until it has read its pods it counts the devices of pods deleted while it was down as allocated; no MIG pod is bound to the node until %s",
+			back.UTC().Format(time.TimeOnly), back.Add(kubeletSettle).UTC().Format(time.TimeOnly))
 	}
 	return ""
 }

@@ -489,15 +489,17 @@ func TestKubeletRestartClosesTheNode(t *testing.T) {
 	a.kubelet = fakeKubelet{restarts: podresources.Restarts{Back: long}}
 	p.kubelet = deviceplugin.KubeletState{Gone: true}
 	assert.Contains(t, a.kubeletRestarting(), "kubelet is gone", "the plugin has not registered again")
-	p.kubelet = deviceplugin.KubeletState{Back: time.Now().Add(-time.Second)}
-	assert.Contains(t, a.kubeletRestarting(), "kubelet restarted 1s ago")
+	back := time.Now().Add(-time.Second)
+	p.kubelet = deviceplugin.KubeletState{Back: back}
+	assert.Contains(t, a.kubeletRestarting(), "kubelet came back at "+back.UTC().Format(time.TimeOnly))
+	assert.Contains(t, a.kubeletRestarting(), "no MIG pod is bound to the node until "+back.Add(kubeletSettle).UTC().Format(time.TimeOnly))
 	p.kubelet.Back = long
 	assert.Empty(t, a.kubeletRestarting(), "settled")
 	st, _ = report(spec("p-2", layout(0, "1g.10gb@0")), &v1.Node{}, &observation{gpus: []Observed{a100(t, 0)}}, outcome{}, metav1.Now())
 	assert.True(t, meta.IsStatusConditionFalse(st.Conditions, v1alpha1.ConditionRestarting))
 
 	restartMode := &Agent{kubelet: fakeKubelet{restarts: podresources.Restarts{Back: time.Now().Add(-2 * time.Second)}}}
-	assert.Contains(t, restartMode.kubeletRestarting(), "kubelet restarted 2s ago", "restart mode: the PodResources connection alone")
+	assert.Contains(t, restartMode.kubeletRestarting(), "kubelet came back at", "restart mode: the PodResources connection alone")
 	restartMode.kubelet = fakeKubelet{}
 	assert.Empty(t, restartMode.kubeletRestarting(), "never restarted")
 }

@@ -41,6 +41,7 @@ type plugin struct {
 	registerOnce sync.Once
 	mu           sync.Mutex
 	servers      []*grpc.Server
+	socks        []string // the endpoints' socket paths
 }
 
 // startPlugin scans the node's GPUs RegisterDelay after the container
@@ -60,7 +61,12 @@ func (n *Node) startPlugin(ctx context.Context) *plugin {
 		}
 		var kubeletSock os.FileInfo
 		for {
-			if st, err := os.Stat(filepath.Join(n.pluginDir, "kubelet.sock")); err == nil && (kubeletSock == nil || !os.SameFile(st, kubeletSock)) {
+			// A new kubelet.sock may reuse the old one's inode (tmpfs
+			// does): NVIDIA's plugin reacts to its creation, so the
+			// stand-in goes by its modification time too, and by its own
+			// sockets, which a starting kubelet deletes.
+			if st, err := os.Stat(filepath.Join(n.pluginDir, "kubelet.sock")); err == nil &&
+				(kubeletSock == nil || !os.SameFile(st, kubeletSock) || !st.ModTime().Equal(kubeletSock.ModTime()) || !p.socketsThere()) {
 				if err := p.serve(ctx); err != nil {
 					logger.Error(err, "stand-in device plugin: start failed, retrying")
 				} else {
@@ -95,9 +101,11 @@ func (p *plugin) serve(ctx context.Context) error {
 	default:
 	}
 	p.stopServersLocked()
+	p.socks = nil
 	for _, r := range slices.Sorted(maps.Keys(ids)) {
 		sock := "nvidia-" + strings.TrimPrefix(r, "nvidia.com/") + ".sock"
 		path := filepath.Join(p.n.pluginDir, sock)
+		p.socks = append(p.socks, path)
 		_ = os.Remove(path)
 		l, err := net.Listen("unix", path)
 		if err != nil {
@@ -113,6 +121,19 @@ func (p *plugin) serve(ctx context.Context) error {
 	}
 	klog.FromContext(ctx).V(2).Info("stand-in device plugin registered", "node", p.n.Name, "devices", ids)
 	return nil
+}
+
+// socketsThere reports whether every endpoint's socket is still in the
+// device-plugin directory.
+func (p *plugin) socketsThere() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, sock := range p.socks {
+		if _, err := os.Stat(sock); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 func (p *plugin) stopServersLocked() {
