@@ -175,7 +175,8 @@ func (p *Plugin) Run(ctx context.Context) error {
 				if registered[e.resource] {
 					continue
 				}
-				if all = false; time.Since(failed[e.resource]) < retryEvery {
+				all = false
+				if time.Since(failed[e.resource]) < retryEvery {
 					continue
 				}
 				if err := p.serve(ctx, e, kubeletSock); err != nil {
