@@ -154,6 +154,7 @@ func (p *Plugin) Run(ctx context.Context) error {
 	failed := map[string]time.Time{} // when a resource's registration last failed
 	var seen os.FileInfo
 	restarted := false // kubelet.sock was made anew: a new kubelet to register with
+	lost := false      // a stream ended: every resource registers again
 	defer p.stopAll()
 	for {
 		st, err := os.Stat(kubeletSock)
@@ -163,6 +164,13 @@ func (p *Plugin) Run(ctx context.Context) error {
 				restarted = true
 			}
 			seen, registered, failed = st, map[string]bool{}, map[string]time.Time{}
+		}
+		if p.Kubelet().Gone && !lost {
+			// The kubelet dropped the plugin (it stopped, or ended a
+			// stream): it uses none of its endpoints until they register
+			// again, which fails until a kubelet listens.
+			logger.Info("the kubelet closed a device-plugin stream: registering every resource again")
+			lost, registered = true, map[string]bool{}
 		}
 		if err == nil {
 			all := true
@@ -187,8 +195,8 @@ func (p *Plugin) Run(ctx context.Context) error {
 				registered[e.resource] = true
 				logger.V(2).Info("Registered with the kubelet", "resource", e.resource)
 			}
-			if all && (restarted || p.Kubelet().Gone) {
-				restarted = false
+			if all && (restarted || lost) {
+				restarted, lost = false, false
 				p.setKubelet(func(k *KubeletState) { *k = KubeletState{Back: time.Now()} })
 				logger.Info("Every resource is registered with the kubelet again")
 			}

@@ -59,7 +59,8 @@ func serveKubelet(t *testing.T, dir string) *registry {
 // Every resource registers, with or without devices; ListAndWatch sends
 // the full list at once and after each change; Allocate names the
 // devices by CDI name and NVIDIA_VISIBLE_DEVICES, and refuses one it does
-// not advertise; a new kubelet.sock brings every registration again.
+// not advertise; a stream the kubelet ends, and a new kubelet.sock, bring
+// every registration again.
 func TestPlugin(t *testing.T) {
 	dir, err := os.MkdirTemp("", "dp") // short: unix socket paths are limited
 	require.NoError(t, err)
@@ -109,17 +110,22 @@ func TestPlugin(t *testing.T) {
 
 	assert.Equal(t, KubeletState{}, p.Kubelet(), "the kubelet has not gone")
 
-	// The kubelet goes: its streams end. A restarted kubelet makes
-	// kubelet.sock anew; once every resource has registered again, the
-	// kubelet is back.
+	// The kubelet ends a stream: the plugin is gone for it until every
+	// resource has registered again; then the kubelet is back.
 	require.NoError(t, conn.Close())
 	select {
 	case <-p.KubeletChanged():
 	case <-time.After(5 * time.Second):
 		t.Fatal("no word that the kubelet went")
 	}
-	assert.Equal(t, KubeletState{Gone: true}, p.Kubelet())
+	require.Eventually(t, func() bool { return len(reg.resources()) == 4 && !p.Kubelet().Back.IsZero() }, 5*time.Second, 10*time.Millisecond,
+		"every resource registered again with the kubelet that ended the stream")
+	assert.False(t, p.Kubelet().Gone)
+	first := p.Kubelet().Back
+
+	// A restarted kubelet makes kubelet.sock anew: every resource
+	// registers with it, and the kubelet is back again.
 	reg2 := serveKubelet(t, dir)
-	require.Eventually(t, func() bool { return len(reg2.resources()) == 2 && !p.Kubelet().Back.IsZero() }, 5*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return len(reg2.resources()) == 2 && p.Kubelet().Back.After(first) }, 5*time.Second, 10*time.Millisecond)
 	assert.False(t, p.Kubelet().Gone, "every resource registered with the new kubelet")
 }
