@@ -39,6 +39,7 @@ func main() {
 	fs.IntVar(&b.Pods, "bench-pods", 100, "benchmark: MIG pods in the burst")
 	fs.IntVar(&b.CPUPods, "bench-cpu-pods", 500, "benchmark: non-GPU pods for the throughput comparison (0: skip)")
 	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
+	benchOnly := fs.String("bench-only", "", "benchmark: only these plugin/hardware runs, comma-separated (e.g. agent/realistic; default all four)")
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
 	soakFaults := fs.String("soak-faults", "", "soak: the faults runs pick from, comma-separated (default all: "+strings.Join(local.SoakFaults, ",")+")")
 	soakParallel := fs.Int("soak-parallel", 1, "soak: split the runs over this many processes, each with a cluster of its own and a contiguous range of the seeds (a run takes about a fifth of a core)")
@@ -85,6 +86,10 @@ func main() {
 	if *bench {
 		klog.LogToStderr(false)
 		klog.SetOutput(io.Discard)
+		if *benchOnly != "" {
+			b.Only = strings.Split(*benchOnly, ",")
+		}
+		b.Dir = o.Dir
 		if err := local.Bench(ctx, b, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
 			os.Exit(1)

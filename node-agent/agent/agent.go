@@ -113,6 +113,9 @@ type Agent struct {
 	// its informer until the watch delivers it (latest).
 	written *v1alpha1.NodePartition
 	lastMsg map[string]string // event key → last reason+message, for events on change only
+	// coalescing is when the agent first made way for a newer spec
+	// without reporting since (errSuperseded); zero otherwise.
+	coalescing time.Time
 }
 
 const queueKey = "node"
@@ -240,9 +243,20 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}
 		err := a.sync(ctx)
+		if errors.Is(err, errSuperseded) {
+			if a.coalescing.IsZero() {
+				a.coalescing = time.Now()
+			}
+		} else {
+			a.coalescing = time.Time{}
+		}
 		var wait errWait
 		switch {
 		case ctx.Err() != nil:
+		case errors.Is(err, errSuperseded):
+			logger.V(2).Info("a newer spec was published while applying; applying it first")
+			a.queue.Forget(key)
+			a.queue.Add(key)
 		case errors.As(err, &wait):
 			logger.V(2).Info("waiting before applying", "why", wait.why)
 			a.queue.Forget(key)
@@ -301,7 +315,20 @@ type outcome struct {
 	refused   bool   // the plan was refused before: conditions stay
 	wait      string // why the agent holds off (errWait)
 	closed    string // why the node takes no MIG pod and the agent holds off (its kubelet restarts)
+	// superseded: a newer spec was published while the steps ran; the
+	// sync stopped them and makes way for it (errSuperseded).
+	superseded bool
 }
+
+// errSuperseded is a sync that made way for a newer spec before it
+// advertised and reported: the next sync, at once, applies the newer spec
+// from what exists, and advertises and reports once for both.
+var errSuperseded = errors.New("a newer spec was published; applying it first")
+
+// coalesceFor bounds how long the agent keeps making way for newer specs:
+// a node whose spec changes faster than its GPUs are changed still
+// advertises and reports what it made at least that often.
+const coalesceFor = 30 * time.Second
 
 // sync reconciles the node in phases: observe the GPUs, decide the steps
 // (pure), apply them, observe again if anything changed, make the device
@@ -342,10 +369,16 @@ func (a *Agent) sync(ctx context.Context) error {
 		// Each report wakes the scheduler for the pods it may serve.
 		progress = func(ctx context.Context) { a.progress(ctx, np, node) }
 	}
-	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus, progress)
+	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus, progress, a.newer(np))
 	out.conflicts, out.refused = append(d.conflicts, out.conflicts...), d.refused
 	if len(out.steps) > 0 {
 		a.replaced = nil // plugin pods started until now scanned an older layout
+	}
+	if out.err == nil && (out.superseded || a.newer(np)()) {
+		if len(out.steps) > 0 {
+			applyDuration.WithLabelValues("superseded").Observe(time.Since(start).Seconds())
+		}
+		return errSuperseded
 	}
 	if len(out.steps) > 0 || out.err != nil {
 		// Status must say exactly what exists, whatever happened.
@@ -383,6 +416,18 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	a.ready.Store(true)
 	return out.err
+}
+
+// newer says whether a spec newer than np's was published since, while
+// the agent may still make way for it (coalesceFor).
+func (a *Agent) newer(np *v1alpha1.NodePartition) func() bool {
+	if !a.coalescing.IsZero() && time.Since(a.coalescing) > coalesceFor {
+		return func() bool { return false }
+	}
+	return func() bool {
+		latest, err := a.npLister.Get(a.cfg.NodeName)
+		return err == nil && latest.Generation > np.Generation
+	}
 }
 
 // hold reports what exists and why the agent waits (out.wait, or

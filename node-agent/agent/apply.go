@@ -24,9 +24,12 @@ import (
 // kubelet again whether the slice is free; NVML's IN_USE is the last
 // guard. A slice found in use blocks the rest of its GPU's steps (a
 // conflict); any other failure stops every GPU after its current step,
-// to be retried. The outcome holds the steps that ran, in the steps'
-// order, those conflicts, and the failure with its reason.
-func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, progress func(context.Context)) outcome {
+// to be retried. When newer says a newer spec was published, every GPU
+// stops after its current step (the outcome is superseded), so that the
+// newer plan does not wait for this one's busiest GPU. The outcome holds
+// the steps that ran, in the steps' order, those conflicts, and the
+// failure with its reason.
+func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, progress func(context.Context), newer func() bool) outcome {
 	blocked := map[int]bool{}
 	var out outcome
 	if a.cfg.Plugin != nil {
@@ -68,11 +71,17 @@ func (a *Agent) apply(ctx context.Context, steps []Step, observed []Observed, pr
 	)
 	for _, g := range gpus {
 		wg.Go(func() {
-			for _, i := range byGPU[g] {
+			for n, i := range byGPU[g] {
 				mu.Lock()
-				failed := out.err != nil
+				stop := out.err != nil || out.superseded
 				mu.Unlock()
-				if failed {
+				if stop {
+					return
+				}
+				if n > 0 && newer() {
+					mu.Lock()
+					out.superseded = true
+					mu.Unlock()
 					return
 				}
 				conflict, err := a.step(ctx, steps[i], observed)

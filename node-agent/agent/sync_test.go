@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -444,7 +445,7 @@ func TestApplyRechecksBeforeDestroy(t *testing.T) {
 	observed := []Observed{{GPU: gpu.GPU{Index: 0}, Slices: []ObservedSlice{{Slice: s}}}}
 	a := &Agent{lib: lib, kubelet: fakeKubelet{devices: podresources.Devices{Used: map[string]string{s.UUID: "team/just-admitted"}}}, podLister: podLister(t)}
 	_, ctx := ktesting.NewTestContext(t)
-	out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed, nil)
+	out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed, nil, never)
 	assert.Empty(t, out.steps)
 	assert.Equal(t, []Conflict{{0, ReasonSliceInUse, "gpu 0: not changed: 1g.10gb@0 is used by pod team/just-admitted"}}, out.conflicts)
 	assert.Equal(t, []mig.Slice{s.Slice}, sim.Layout(0), "nothing destroyed, nothing created on that GPU")
@@ -545,7 +546,7 @@ func TestWithdrawBeforeDestroy(t *testing.T) {
 		var progress []string // the layout at each progress report
 		out := a.apply(ctx, []Step{{Destroy, 0, s.Slice}, {Create, 0, sl("3g.40gb", 4)}}, observed, func(context.Context) {
 			progress = append(progress, fmt.Sprint(sim.Layout(0)))
-		})
+		}, never)
 		require.Len(t, p.sets, 2)
 		assert.Equal(t, map[string][]deviceplugin.Device{"nvidia.com/mig-1g.10gb": nil}, p.sets[1], "withdrawn: the resource stays, without the slice")
 		assert.Nil(t, a.withdrawn, "nothing withdrawn once the plan is applied")
@@ -660,7 +661,7 @@ func TestApplyRunsGPUsSideBySide(t *testing.T) {
 			steps = append(steps, Step{Create, g, sl("1g.10gb", start)})
 		}
 	}
-	out := a.apply(ctx, steps, nil, nil)
+	out := a.apply(ctx, steps, nil, nil, never)
 	require.NoError(t, out.err)
 	assert.Equal(t, steps, out.steps, "every step done, reported in the plan's order")
 	var created [2][]gpu.Op
@@ -684,7 +685,7 @@ func TestApplyRunsGPUsSideBySide(t *testing.T) {
 			more = append(more, Step{Create, g, sl("1g.10gb", start)})
 		}
 	}
-	out = a.apply(ctx, more, nil, nil)
+	out = a.apply(ctx, more, nil, nil, never)
 	require.Error(t, out.err)
 	assert.Equal(t, ReasonNVMLError, out.reason)
 	// The other GPU's create that ran with the failing one may be followed
@@ -713,4 +714,40 @@ func TestReportSaysThePlanTheSyncApplied(t *testing.T) {
 	assert.Equal(t, "p-2", st.ObservedPlanID)
 	assert.Equal(t, int64(2), st.ObservedGeneration)
 	assert.Empty(t, st.ApplyingPlanID)
+}
+
+// never is a spec that stays the newest.
+func never() bool { return false }
+
+// When a newer spec is published mid-plan, every GPU stops after its
+// current step, so that the newer plan does not wait for this one's
+// busiest GPU: gpu 0 has three slices to create, gpu 1 one; once a step
+// is done the spec is newer, and gpu 0 makes no second slice.
+func TestApplyMakesWayForANewerSpec(t *testing.T) {
+	sim, err := gpu.NewSimulator(t.Name(), "A100-80GB", "A100-80GB")
+	require.NoError(t, err)
+	lib, err := gpu.Open(sim.Interface())
+	require.NoError(t, err)
+	sim.SetLatency(gpu.MethodCreateGPUInstance, 50*time.Millisecond)
+	a := &Agent{lib: lib, kubelet: fakeKubelet{}, podLister: podLister(t)}
+	_, ctx := ktesting.NewTestContext(t)
+	steps := []Step{{Create, 0, sl("1g.10gb", 0)}, {Create, 0, sl("1g.10gb", 1)}, {Create, 0, sl("1g.10gb", 2)}, {Create, 1, sl("3g.40gb", 4)}}
+	var published atomic.Bool
+	newer := func() bool { return published.Load() }
+	out := a.apply(ctx, steps[:1], nil, nil, newer)
+	require.NoError(t, out.err)
+	assert.False(t, out.superseded, "no newer spec: the plan runs to its end")
+
+	published.Store(true)
+	out = a.apply(ctx, steps[1:], nil, nil, newer)
+	require.NoError(t, out.err)
+	assert.True(t, out.superseded)
+	assert.Equal(t, []Step{steps[1], steps[3]}, out.steps, "each GPU's current step, then no other")
+	created := 0
+	for _, op := range sim.Ops() {
+		if op.Kind == "create" {
+			created++
+		}
+	}
+	assert.Equal(t, 3, created, "NVML made only the slices the outcome reports")
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -25,6 +26,13 @@ import (
 type BenchOptions struct {
 	Nodes, GPUsPerNode, Pods, CPUPods int
 	Seed                              uint64
+	// Only, if not empty, names the runs to make as plugin/hardware
+	// ("agent/realistic"); the throughput comparison runs with
+	// nvidia/instant.
+	Only []string
+	// Dir, if set, keeps each run's cluster (logs included) in
+	// Dir/<plugin>-<hardware> (use a new Dir: etcd data is not cleared).
+	Dir string
 }
 
 // benchMode is how fast the simulated hardware is.
@@ -48,9 +56,18 @@ func Bench(ctx context.Context, o BenchOptions, out io.Writer) error {
 	fmt.Fprintf(out, "burst of %d MIG pods (mixed profiles, seed %d) on %d nodes × %d A100-80GB\n\n", o.Pods, o.Seed, o.Nodes, o.GPUsPerNode)
 	fmt.Fprintf(out, "%-7s %-10s %-8s %8s %8s %8s %8s\n", "plugin", "hardware", "to", "p50", "p95", "p99", "max")
 	var throughput string
+	ran := 0
 	for _, plugin := range []string{DevicePluginNVIDIA, DevicePluginAgent} {
 		for i, mode := range []benchMode{{"instant", 0, 0}, {"realistic", 10 * time.Second, time.Second}} {
-			c, err := Start(ctx, Options{DevicePluginDelay: mode.devicePluginDelay, SliceDelay: mode.sliceDelay, DevicePluginTimeout: 5 * time.Minute, DevicePlugin: plugin})
+			if len(o.Only) > 0 && !slices.Contains(o.Only, plugin+"/"+mode.name) {
+				continue
+			}
+			ran++
+			dir := ""
+			if o.Dir != "" {
+				dir = filepath.Join(o.Dir, plugin+"-"+mode.name)
+			}
+			c, err := Start(ctx, Options{Dir: dir, DevicePluginDelay: mode.devicePluginDelay, SliceDelay: mode.sliceDelay, DevicePluginTimeout: 5 * time.Minute, DevicePlugin: plugin})
 			if err != nil {
 				return err
 			}
@@ -63,6 +80,9 @@ func Bench(ctx context.Context, o BenchOptions, out io.Writer) error {
 				return err
 			}
 		}
+	}
+	if ran == 0 {
+		return fmt.Errorf("no benchmark run is named %q: they are nvidia/instant, nvidia/realistic, agent/instant and agent/realistic", o.Only)
 	}
 	fmt.Fprint(out, throughput)
 	return nil

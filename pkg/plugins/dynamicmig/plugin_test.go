@@ -108,6 +108,8 @@ func TestCapacityChange(t *testing.T) {
 		{"a new NodePartition without GPUs", nil, d(builders.NodePartition(nil, "", "")), ""},
 		{"the agent advertised a slice", d(agentMode(builders.Free("3g.40gb", 0))), d(agentMode(advertisedSlice("3g.40gb", 0))), advertised},
 		{"the agent withdrew a slice", d(agentMode(advertisedSlice("3g.40gb", 0))), d(agentMode(builders.Free("3g.40gb", 0))), ""},
+		{"a newer plan was published mid-plan", applyingPlan("p-2", "p-2"), applyingPlan("p-3", "p-2"), ""},
+		{"the agent began applying the newer plan", applyingPlan("p-3", "p-2"), applyingPlan("p-3", "p-3"), applying},
 	}
 	for _, tt := range tests {
 		assert.Equal(t, tt.want, capacityChange(tt.old, tt.new), tt.name)
@@ -119,6 +121,14 @@ func agentMode(slices ...v1alpha1.SliceStatus) *v1alpha1.NodePartition {
 	np := builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", slices...))
 	np.Status.DevicePlugin = v1alpha1.DevicePluginAgent
 	return np
+}
+
+// applyingPlan is a node in agent mode with plan in its spec while the
+// agent applies the plan applying, one slice of it advertised.
+func applyingPlan(plan, applying string) *partition.Node {
+	np := agentMode(advertisedSlice("1g.10gb", 0))
+	np.Spec.PlanID, np.Status.ApplyingPlanID = plan, applying
+	return partition.Decode(np)
 }
 
 func advertisedSlice(profile string, start int32) v1alpha1.SliceStatus {

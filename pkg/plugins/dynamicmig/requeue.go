@@ -85,6 +85,7 @@ const (
 	slicesFreed  = "the agent reported slices freed"
 	restarted    = "the device plugin restarted"
 	advertised   = "the agent advertised more slices"
+	applying     = "the agent began applying the plan"
 )
 
 // capacityChange says why a NodePartition change may let a pending MIG
@@ -102,6 +103,11 @@ func capacityChange(old, n *partition.Node) string {
 		return restarted
 	case old != nil && n.AgentAdvertises && grew(old.Advertised, n.Advertised):
 		return advertised
+	case old != nil && n.Applying && !old.Applying:
+		// A newer plan was published while the agent applied one: the
+		// node took no MIG pod until the agent withdrew what the newer
+		// plan destroys; the slices it advertised are open again.
+		return applying
 	}
 	return ""
 }
@@ -153,7 +159,7 @@ func available(why string, n *partition.Node) map[mig.ProfileName]bool {
 	for i := range n.GPUs {
 		g := &n.GPUs[i]
 		switch {
-		case why == planApplied || why == restarted || why == advertised:
+		case why == planApplied || why == restarted || why == advertised || why == applying:
 			for _, s := range g.Slices {
 				if !s.Used {
 					out[s.Profile] = true
