@@ -109,6 +109,12 @@ PARALLEL ?= 1
 soak: control-plane ## Randomized soak on the local cluster: RUNS scenarios (default 1000) from SEED, faults (FAULTS=a,b to pick) at random moments, invariants checked after each; GUARDS_OFF=<guard> builds a test binary without that guard (docs/reliability.md); DEVICE_PLUGIN=nvidia for nodes in restart mode (default: agent mode); PARALLEL=K splits the runs over K clusters (a run takes about a fifth of a core); SLICE_DELAY=1s makes every run's GPUs slow (default: half the runs).
 	DYNAMIG_GUARDS_OFF=$(GUARDS_OFF) $(GO) run $(if $(GUARDS_OFF),-tags dynamig_unsafe) ./cmd/dynamig-local --soak $(RUNS) --soak-seed $(SEED) --soak-parallel $(PARALLEL) $(if $(FAULTS),--soak-faults $(FAULTS)) $(if $(DEVICE_PLUGIN),--device-plugin $(DEVICE_PLUGIN)) $(if $(SLICE_DELAY),--slice-delay $(SLICE_DELAY))
 
+SCALE_NODES ?= 5000
+SCALE_PODS ?= 1000
+.PHONY: scale
+scale: control-plane ## Scale run: SCALE_NODES (default 5000) light nodes × 8 GPUs on real etcd and kube-apiserver, the dynamig-scheduler binary with the shipped configuration; a burst of SCALE_PODS MIG pods, PostFilter latency, RSS, API requests per pod, non-GPU throughput in 5 paired runs (docs/benchmarks.md; a 300-node version runs in make test).
+	$(GO) run ./cmd/dynamig-local --scale --scale-nodes $(SCALE_NODES) --scale-pods $(SCALE_PODS)
+
 .PHONY: demo
 demo: ## Run the seed on a local cluster: real API server, scheduler and agents on simulated GPUs (SCENARIO=file for another).
 	$(GO) run ./cmd/dynamig-local $(SCENARIO)

@@ -4,6 +4,7 @@
 package main
 
 import (
+	"encoding/json"
 	"context"
 	"flag"
 	"fmt"
@@ -40,6 +41,16 @@ func main() {
 	fs.IntVar(&b.CPUPods, "bench-cpu-pods", 500, "benchmark: non-GPU pods for the throughput comparison (0: skip)")
 	fs.Uint64Var(&b.Seed, "bench-seed", 1, "benchmark: seed of the burst's profiles")
 	benchOnly := fs.String("bench-only", "", "benchmark: only these plugin/hardware runs, comma-separated (e.g. agent/realistic; default all four)")
+	scale := fs.Bool("scale", false, "instead of a scenario, run the scale measurement (real etcd, kube-apiserver and dynamig-scheduler binary; light nodes) and print its table")
+	var so local.ScaleOptions
+	fs.IntVar(&so.Nodes, "scale-nodes", 1000, "scale: nodes")
+	fs.IntVar(&so.GPUsPerNode, "scale-gpus", 8, "scale: GPUs per node (A100-80GB and H100-80GB, one model per node)")
+	fs.IntVar(&so.Pods, "scale-pods", 1000, "scale: MIG pods in the burst (one more asks for the last node)")
+	fs.IntVar(&so.CPUPods, "scale-cpu-pods", 1000, "scale: non-GPU pods per throughput run")
+	fs.IntVar(&so.Pairs, "scale-pairs", 5, "scale: paired throughput runs with and without DynamicMIG (0: skip)")
+	fs.Uint64Var(&so.Seed, "scale-seed", 1, "scale: seed of the cluster's layouts and the burst")
+	fs.DurationVar(&so.Stall, "scale-stall", time.Minute, "scale: stop waiting for binds after this long without one and report the pods left")
+	output := fs.String("o", "table", "scale: output format, table or json")
 	soak := fs.Int("soak", 0, "instead of a scenario, run this many random scenarios with faults on one cluster and check dynamig's invariants after each; exit 1 on any violation")
 	soakFaults := fs.String("soak-faults", "", "soak: the faults runs pick from, comma-separated (default all: "+strings.Join(local.SoakFaults, ",")+")")
 	soakParallel := fs.Int("soak-parallel", 1, "soak: split the runs over this many processes, each with a cluster of its own and a contiguous range of the seeds (a run takes about a fifth of a core)")
@@ -96,6 +107,16 @@ func main() {
 		}
 		return
 	}
+	if *scale {
+		klog.LogToStderr(false)
+		klog.SetOutput(io.Discard)
+		so.Dir, so.Progress = o.Dir, os.Stderr
+		if err := runScale(ctx, so, *output); err != nil {
+			fmt.Fprintln(os.Stderr, "dynamig-local:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *soak > 0 && *soakParallel > 1 {
 		exe, err := os.Executable()
 		if err == nil {
@@ -138,4 +159,30 @@ func main() {
 	if !ok {
 		os.Exit(1)
 	}
+}
+
+// runScale runs the scale measurement and prints it as a table or JSON;
+// it fails if a burst pod was not served or the node model saw a
+// violation, after printing.
+func runScale(ctx context.Context, o local.ScaleOptions, output string) error {
+	if output != "table" && output != "json" {
+		return fmt.Errorf("-o %q: want table or json", output)
+	}
+	r, err := local.Scale(ctx, o)
+	if err != nil {
+		return err
+	}
+	if output == "json" {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(r); err != nil {
+			return err
+		}
+	} else {
+		local.PrintScale(os.Stdout, r)
+	}
+	if len(r.Unserved) > 0 || len(r.ModelViolations) > 0 {
+		return fmt.Errorf("%d pods unserved, %d node-model violations", len(r.Unserved), len(r.ModelViolations))
+	}
+	return nil
 }
