@@ -90,7 +90,7 @@ func testFramework(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods .
 	return fw, recorder
 }
 
-func testFrameworkWithActivations(t *testing.T, parts *fakePartitions, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder, *activations, *DynamicMIG) {
+func testFrameworkWithActivations(t testing.TB, parts partitionStore, nodes []*v1.Node, pods ...*v1.Pod) (framework.Framework, *events.FakeRecorder, *activations, *DynamicMIG) {
 	_, ctx := ktesting.NewTestContext(t)
 	schedmetrics.Register() // the test queue records scheduler metrics
 	var objs []runtime.Object

@@ -144,3 +144,31 @@ func TestDescribe(t *testing.T) {
 	}
 	assert.Equal(t, "1g.10gb×5 + 2g.20gb on node-a gpu 0, 3g.40gb on node-a gpu 3", describe(created, "node-a"))
 }
+
+// Pending pods that differ only in name and MIG request share a filter
+// key (their other filters are run once per plan); anything else the
+// filters read makes another key, and a pod with resource claims has none.
+func TestFilterKey(t *testing.T) {
+	a := pendingPod("a", builders.Resources("nvidia.com/mig-1g.10gb", "1", "cpu", "1"))
+	b := pendingPod("b", builders.Resources("nvidia.com/mig-3g.40gb", "2", "cpu", "1"))
+	ka, ok := filterKey(a)
+	require.True(t, ok)
+	kb, _ := filterKey(b)
+	assert.Equal(t, ka, kb, "name and MIG request do not matter")
+	assert.Equal(t, "1", a.Spec.Containers[0].Resources.Requests.Name("nvidia.com/mig-1g.10gb", "").String(), "the pod is not changed")
+
+	tolerant := b.DeepCopy()
+	tolerant.Spec.Tolerations = []v1.Toleration{{Key: "team", Operator: v1.TolerationOpExists}}
+	labelled := b.DeepCopy()
+	labelled.Labels = map[string]string{"app": "x"}
+	moreCPU := pendingPod("c", builders.Resources("nvidia.com/mig-1g.10gb", "1", "cpu", "2"))
+	for name, p := range map[string]*v1.Pod{"toleration": tolerant, "labels": labelled, "cpu": moreCPU} {
+		k, ok := filterKey(p)
+		require.True(t, ok, name)
+		assert.NotEqual(t, ka, k, name)
+	}
+	claims := b.DeepCopy()
+	claims.Spec.ResourceClaims = []v1.PodResourceClaim{{Name: "gpu"}}
+	_, ok = filterKey(claims)
+	assert.False(t, ok, "resource claims: no key")
+}

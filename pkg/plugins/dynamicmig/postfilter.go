@@ -110,5 +110,5 @@ func (p *DynamicMIG) fitsPlanned(ctx context.Context, state fwk.CycleState, pod 
 	}
 	state.Write(simulateKey, simulating{})
 	defer state.Delete(simulateKey)
-	return p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, withMIG(ni, nil, counts))
+	return p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, withMIG(ni, counts))
 }

@@ -2,6 +2,7 @@ package dynamicmig
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"time"
@@ -28,6 +29,9 @@ type view struct {
 	ni   fwk.NodeInfo
 	part *partition.Node
 	node planner.Node
+	// open is ni with room for any MIG request on it (openMIG), built
+	// once per plan for the pending pods' other filters.
+	open fwk.NodeInfo
 }
 
 // views lists the nodes the plan for pod may change: selected by the node
@@ -71,7 +75,7 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 			left[node.Name] = true
 			continue
 		}
-		cands = append(cands, &view{ni: ni, part: part, node: plannerNode(part)})
+		cands = append(cands, &view{ni: ni, part: part})
 	}
 	if limit := int(p.args.MaxNodesPerPlan); len(cands) > limit {
 		rooms := make(map[*view]room, len(cands))
@@ -83,15 +87,17 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 			if a != b {
 				return a.better(b)
 			}
-			return cands[i].node.Name < cands[j].node.Name
+			return cands[i].ni.Node().Name < cands[j].ni.Node().Name
 		})
 		for _, v := range cands[limit:] {
-			left[v.node.Name] = true
+			left[v.ni.Node().Name] = true
 		}
 		cands = cands[:limit]
 	}
 	views = make(map[string]*view, len(cands))
 	for _, v := range cands {
+		v.node = plannerNode(v.part)
+		v.open = openMIG(v.ni, v.part)
 		views[v.node.Name] = v
 	}
 	return views, left
@@ -208,17 +214,34 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 	state.Write(simulateKey, simulating{})
 	defer state.Delete(simulateKey)
 	snap.Pods = append(snap.Pods, p.plannerPod(ctx, state, pod, d, views, names))
+	// Pending pods alike for the filters share their nodes: a burst of one
+	// workload's pods runs them once.
+	alike := map[string][]string{}
 	for _, other := range p.otherPending(pod, views, left, nominated) {
 		od, err := demand.Of(other)
 		if err != nil || len(od) == 0 {
 			continue
 		}
+		key, keyed := filterKey(other)
+		if nodes, ok := alike[key]; keyed && ok {
+			if nodes != nil {
+				snap.Pods = append(snap.Pods, planner.Pod{Name: podKey(other), Requests: od, Created: other.CreationTimestamp.Time, Priority: priority(other), Nodes: nodes})
+			}
+			continue
+		}
 		st := framework.NewCycleState()
 		st.Write(simulateKey, simulating{})
 		if _, status, _ := p.fw.RunPreFilterPlugins(ctx, st, other); !status.IsSuccess() {
+			if keyed {
+				alike[key] = nil
+			}
 			continue
 		}
-		snap.Pods = append(snap.Pods, p.plannerPod(ctx, st, other, od, views, names))
+		pp := p.plannerPod(ctx, st, other, od, views, names)
+		if keyed {
+			alike[key] = pp.Nodes
+		}
+		snap.Pods = append(snap.Pods, pp)
 	}
 	if err := snap.Validate(); err != nil {
 		return nil, fmt.Errorf("building the planner snapshot: %w", err)
@@ -245,7 +268,7 @@ func podKey(pod *v1.Pod) string { return pod.Namespace + "/" + pod.Name }
 func (p *DynamicMIG) plannerPod(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view, names []string) planner.Pod {
 	pp := planner.Pod{Name: podKey(pod), Requests: d, Created: pod.CreationTimestamp.Time, Priority: priority(pod), Nodes: []string{}}
 	for _, name := range names {
-		if p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, withMIG(views[name].ni, d, nil)).IsSuccess() {
+		if p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, views[name].open).IsSuccess() {
 			pp.Nodes = append(pp.Nodes, name)
 		}
 	}
@@ -292,30 +315,79 @@ func priority(pod *v1.Pod) int32 {
 }
 
 // withMIG returns a copy of the NodeInfo whose MIG allocatable is the
-// planned layout's counts, or, with counts nil, enough for the demand on
-// top of what is requested (to ask the other filters alone).
-func withMIG(ni fwk.NodeInfo, d demand.Demand, counts map[mig.ProfileName]int) fwk.NodeInfo {
+// planned layout's counts.
+func withMIG(ni fwk.NodeInfo, counts map[mig.ProfileName]int) fwk.NodeInfo {
+	node := ni.Node().DeepCopy()
+	if node.Status.Allocatable == nil {
+		node.Status.Allocatable = v1.ResourceList{}
+	}
+	for name := range node.Status.Allocatable {
+		if mig.IsMIGResource(string(name)) {
+			delete(node.Status.Allocatable, name)
+		}
+	}
+	for prof, n := range counts {
+		node.Status.Allocatable[v1.ResourceName(prof.ResourceName())] = *resource.NewQuantity(int64(n), resource.DecimalSI)
+	}
+	clone := ni.Snapshot()
+	clone.SetNode(node)
+	return clone
+}
+
+// openRoom is the MIG allocatable openMIG adds on top of what is requested.
+const openRoom = 1 << 20
+
+// openMIG returns a copy of the NodeInfo with room for any MIG request of
+// a profile its GPUs offer, so that the other filters are asked alone
+// (NodeResourcesFit checks the resources the configuration does not leave
+// to DynamicMIG).
+func openMIG(ni fwk.NodeInfo, part *partition.Node) fwk.NodeInfo {
 	node := ni.Node().DeepCopy()
 	if node.Status.Allocatable == nil {
 		node.Status.Allocatable = v1.ResourceList{}
 	}
 	requested := ni.GetRequested().GetScalarResources()
-	if counts == nil {
-		for prof, n := range d {
-			r := v1.ResourceName(prof.ResourceName())
-			node.Status.Allocatable[r] = *resource.NewQuantity(requested[r]+int64(n)+1024, resource.DecimalSI)
-		}
-	} else {
-		for name := range node.Status.Allocatable {
-			if mig.IsMIGResource(string(name)) {
-				delete(node.Status.Allocatable, name)
+	for i := range part.GPUs {
+		if m := part.GPUs[i].Model; m != nil {
+			for _, prof := range m.Profiles {
+				r := v1.ResourceName(prof.Name.ResourceName())
+				node.Status.Allocatable[r] = *resource.NewQuantity(requested[r]+openRoom, resource.DecimalSI)
 			}
-		}
-		for prof, n := range counts {
-			node.Status.Allocatable[v1.ResourceName(prof.ResourceName())] = *resource.NewQuantity(int64(n), resource.DecimalSI)
 		}
 	}
 	clone := ni.Snapshot()
 	clone.SetNode(node)
 	return clone
+}
+
+// filterKey is what the scheduler's filters read of a pending pod — its
+// namespace, labels and spec — with its MIG requests left out (openMIG
+// makes room for any): pods with the same key pass the same nodes'
+// filters. A pod with resource claims (allocated per pod) has none
+// (keyed false).
+func filterKey(pod *v1.Pod) (string, bool) {
+	if len(pod.Spec.ResourceClaims) > 0 {
+		return "", false
+	}
+	spec := pod.Spec.DeepCopy()
+	for _, cs := range [][]v1.Container{spec.InitContainers, spec.Containers} {
+		for i := range cs {
+			for _, rl := range []v1.ResourceList{cs[i].Resources.Requests, cs[i].Resources.Limits} {
+				for name := range rl {
+					if mig.IsMIGResource(string(name)) {
+						delete(rl, name)
+					}
+				}
+			}
+		}
+	}
+	b, err := json.Marshal(struct {
+		Namespace string
+		Labels    map[string]string
+		Spec      *v1.PodSpec
+	}{pod.Namespace, pod.Labels, spec})
+	if err != nil {
+		return "", false
+	}
+	return string(b), true
 }
