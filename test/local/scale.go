@@ -40,6 +40,11 @@ type ScaleOptions struct {
 	// (0: skipped).
 	CPUPods, Pairs int
 	Seed           uint64
+	// SteadyRate, if not 0, adds a steady phase after the burst: Pods more
+	// MIG pods, each asking for a whole GPU as one slice (7g.80gb),
+	// created SteadyRate a second, so that each gets a plan of its own
+	// (PostFilter latency over about as many plans as pods).
+	SteadyRate float64
 	// Dir keeps the cluster's files and logs (use a new one); a temporary
 	// directory, removed at the end, if empty.
 	Dir string
@@ -68,6 +73,12 @@ type ScaleResult struct {
 	PlansPerPod     float64 `json:"plansPerPod"`
 	PostFilterP50Ms float64 `json:"postFilterP50Ms"`
 	PostFilterP99Ms float64 `json:"postFilterP99Ms"`
+	// SteadyPlans and the SteadyPostFilter quantiles are those of the
+	// steady phase (SteadyRate): as many more pods, created one by one,
+	// each needing a new layout.
+	SteadyPlans           int     `json:"steadyPlans,omitempty"`
+	SteadyPostFilterP50Ms float64 `json:"steadyPostFilterP50Ms,omitempty"`
+	SteadyPostFilterP99Ms float64 `json:"steadyPostFilterP99Ms,omitempty"`
 	// SchedulerPeakRSSMiB is the scheduler process's peak resident memory (VmHWM).
 	SchedulerPeakRSSMiB float64 `json:"schedulerPeakRSSMiB"`
 	// APIRequestsPerPod is the scheduler's API requests during the burst
@@ -210,27 +221,40 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 		return nil, err
 	}
 
-	pods := burstPods(snap, last)
+	pods := burstPods(snap, last, "burst")
 	res.Pods = len(pods)
-	wctx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	pt := watchPods(wctx, &Cluster{Kube: kube}, "scale")
 	fmt.Fprintf(o.Progress, "creating a burst of %d MIG pods\n", len(pods))
-	created := time.Now()
-	if err := parallel(ctx, len(pods), 16, func(ctx context.Context, i int) error {
-		_, err := kube.CoreV1().Pods("scale").Create(ctx, pods[i], metav1.CreateOptions{})
-		return err
-	}); err != nil {
+	bound, took, err := createAndBind(ctx, kube, pods, 0, o.Stall)
+	if err != nil {
 		return nil, err
 	}
-	lastBind := waitBound(ctx, pt, len(pods), o.Stall)
-	res.Bound = pt.count(false)
-	res.BurstBoundSeconds = lastBind.Sub(created).Seconds()
+	res.Bound, res.BurstBoundSeconds = bound, took.Seconds()
 	after, err := sched.metrics(ctx)
 	if err != nil {
 		return nil, err
 	}
 	res.measure(before, after)
+	if o.SteadyRate > 0 && o.Pods > 0 {
+		// Pods that ask for a whole GPU as one slice (7g.80gb, which both
+		// models offer), one by one: no free slice serves one, so each
+		// gets a plan of its own — PostFilter over as many plans as pods.
+		var steady []*v1.Pod
+		for i := range o.Pods {
+			p := Pod(fmt.Sprintf("steady-%05d", i), map[string]int64{"nvidia.com/mig-7g.80gb": 1})
+			p.Namespace = "scale"
+			steady = append(steady, p)
+		}
+		fmt.Fprintf(o.Progress, "creating %d more MIG pods, %g a second\n", len(steady), o.SteadyRate)
+		if _, _, err := createAndBind(ctx, kube, steady, o.SteadyRate, o.Stall); err != nil {
+			return nil, err
+		}
+		end, err := sched.metrics(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res.measureSteady(after, end)
+		pods = append(pods, steady...)
+	}
 	res.SchedulerPeakRSSMiB = sched.peakRSS()
 	for _, p := range pods {
 		got, err := kube.CoreV1().Pods("scale").Get(ctx, p.Name, metav1.GetOptions{})
@@ -256,23 +280,48 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 }
 
 // burstPods are the snapshot's pods as MIG pods of the scale namespace,
-// and one pod that only the last node may take, asking for its model's
-// smallest profile.
-func burstPods(snap *planner.Snapshot, last planner.Node) []*v1.Pod {
+// named with prefix, and one pod that only the last node may take, asking
+// for its model's smallest profile.
+func burstPods(snap *planner.Snapshot, last planner.Node, prefix string) []*v1.Pod {
 	var pods []*v1.Pod
 	for _, sp := range snap.Pods {
 		req := map[string]int64{}
 		for prof, n := range sp.Requests {
 			req[prof.ResourceName()] = int64(n)
 		}
-		p := Pod(sp.Name, req)
+		p := Pod(prefix+"-"+sp.Name, req)
 		p.Namespace = "scale"
 		pods = append(pods, p)
 	}
-	p := Pod("last-node", map[string]int64{last.GPUs[0].Model.Profiles[0].Name.ResourceName(): 1})
+	p := Pod(prefix+"-last-node", map[string]int64{last.GPUs[0].Model.Profiles[0].Name.ResourceName(): 1})
 	p.Namespace = "scale"
 	p.Spec.NodeSelector = map[string]string{lastNodeLabel: "true"}
 	return append(pods, p)
+}
+
+// createAndBind creates the pods, rate a second (0: all at once), and
+// waits until they are bound or none was for stall: how many were, and
+// the time from the first creation to the last bind.
+func createAndBind(ctx context.Context, kube kubernetes.Interface, pods []*v1.Pod, rate float64, stall time.Duration) (int, time.Duration, error) {
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	pt := watchPods(wctx, &Cluster{Kube: kube}, pods[0].Namespace)
+	created := time.Now()
+	workers, every := 16, time.Duration(0)
+	if rate > 0 {
+		workers, every = 1, time.Duration(float64(time.Second)/rate)
+	}
+	if err := parallel(ctx, len(pods), workers, func(ctx context.Context, i int) error {
+		if every > 0 {
+			time.Sleep(time.Until(created.Add(time.Duration(i) * every)))
+		}
+		_, err := kube.CoreV1().Pods(pods[i].Namespace).Create(ctx, pods[i], metav1.CreateOptions{})
+		return err
+	}); err != nil {
+		return 0, 0, err
+	}
+	lastBind := waitBound(ctx, pt, len(pods), stall)
+	return pt.count(false), lastBind.Sub(created), nil
 }
 
 // waitBound waits until n pods are bound, or none was for stall, and
@@ -324,6 +373,14 @@ func (r *ScaleResult) measure(before, after map[string]*dto.MetricFamily) {
 	if r.Bound > 0 {
 		r.APIRequestsPerPod = (counterSum(after, "rest_client_requests_total") - counterSum(before, "rest_client_requests_total")) / float64(r.Bound)
 	}
+}
+
+// measureSteady fills the steady phase's plan count and PostFilter
+// quantiles.
+func (r *ScaleResult) measureSteady(before, after map[string]*dto.MetricFamily) {
+	r.SteadyPlans = int(counterSum(after, "dynamig_scheduler_plans_total") - counterSum(before, "dynamig_scheduler_plans_total"))
+	h := histogramDelta(before["dynamig_scheduler_plan_duration_seconds"], after["dynamig_scheduler_plan_duration_seconds"])
+	r.SteadyPostFilterP50Ms, r.SteadyPostFilterP99Ms = 1000*h.quantile(0.5), 1000*h.quantile(0.99)
 }
 
 // throughput binds CPUPods pending non-GPU pods Pairs times with the
@@ -430,7 +487,7 @@ func startSchedulerProc(ctx context.Context, dir string, cp *controlPlane, confi
 	}
 	p := &schedulerProc{
 		proc: &proc{name: "dynamig-scheduler", bin: filepath.Join(moduleRoot(), "bin", "dynamig-scheduler"), log: filepath.Join(dir, "scheduler-"+tag+".log"), args: []string{
-			"--config=" + file, "--v=1", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", port),
+			"--config=" + file, "--v=2", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", port),
 			"--authentication-kubeconfig=" + cp.kubeconfig, "--authorization-kubeconfig=" + cp.kubeconfig,
 		}},
 		metricsURL: fmt.Sprintf("https://127.0.0.1:%d", port),
@@ -575,6 +632,10 @@ func PrintScale(w io.Writer, r *ScaleResult) {
 	row("pod eligible only on the last node served", fmt.Sprint(r.LastNodeServed))
 	row("plans (per burst pod)", fmt.Sprintf("%d (%.2f)", r.Plans, r.PlansPerPod))
 	row("PostFilter plan p50 / p99 (histogram)", fmt.Sprintf("%.1f ms / %.1f ms", r.PostFilterP50Ms, r.PostFilterP99Ms))
+	if r.SteadyPlans > 0 {
+		row("steady phase: plans", fmt.Sprint(r.SteadyPlans))
+		row("steady phase: PostFilter p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPostFilterP50Ms, r.SteadyPostFilterP99Ms))
+	}
 	row("scheduler peak RSS", fmt.Sprintf("%.0f MiB", r.SchedulerPeakRSSMiB))
 	row("scheduler API requests per bound MIG pod", fmt.Sprintf("%.1f", r.APIRequestsPerPod))
 	if len(r.NonGPUWith) > 0 {

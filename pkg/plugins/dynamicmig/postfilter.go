@@ -44,7 +44,7 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 	}
 	if !a.Served() {
 		plansTotal.WithLabelValues(resultNoRoom).Inc()
-		logger.V(2).Info("no MIG layout serves the pod now", "pod", klog.KObj(pod), "demand", s.demand.String(), "reason", a.Reason)
+		logger.V(2).Info("no MIG layout serves the pod now", "pod", klog.KObj(pod), "demand", s.demand.String(), "reason", a.Reason, "pods", len(snap.Pods), "nodes", len(snap.Nodes), "took", p.now().Sub(start))
 		return nil, fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no MIG layout can serve %s now: %s", s.demand, a.Reason))
 	}
 	node := views[a.Node]
@@ -80,7 +80,7 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 		}
 		p.h.EventRecorder().Eventf(pod, node.ni.Node(), v1.EventTypeNormal, ReasonWaiting, "Scheduling", "%s", msg)
 	}
-	logger.V(2).Info("pod nominated for a MIG layout", "pod", klog.KObj(pod), "node", a.Node, "slices", a.Slices)
+	logger.V(2).Info("pod nominated for a MIG layout", "pod", klog.KObj(pod), "node", a.Node, "slices", a.Slices, "pods", len(snap.Pods), "nodes", len(snap.Nodes), "took", p.now().Sub(start))
 	return framework.NewPostFilterResultWithNominatedNode(a.Node), fwk.NewStatus(fwk.Unschedulable, msg)
 }
 
