@@ -21,6 +21,8 @@ type world struct {
 	pods   []*podState
 	all    []int // every node index: the eligible list of pods without one
 	models map[*mig.Model]modelLocal
+	// demanded holds the profiles pods ask for.
+	demanded map[mig.ProfileName]bool
 
 	// For pods that may use any node: per global profile id, the nodes by
 	// their best option (built on first use); stale entries carry an old
@@ -51,16 +53,18 @@ type nodeState struct {
 }
 
 type gpuState struct {
-	index  int
-	model  *mig.Model
-	mi     *modelInfo
-	local  []int  // global profile id → model profile index, -1 if absent
-	pinned []slot // used, or kept for bound pods: never touched
-	free   []slot // existing free slices, then the slices this plan creates
-	occ    mig.Occupancy
-	avail  uint16 // memory slices not held by pinned, assigned or created slices
-	best   []option
-	have   uint16 // bit q: best[q] is current
+	index   int
+	model   *mig.Model
+	mi      *modelInfo
+	local   []int  // global profile id → model profile index, -1 if absent
+	cached  []int8 // model profile index → its place in best, -1 if not cached (modelLocal)
+	ncached int
+	pinned  []slot // used, or kept for bound pods: never touched
+	free    []slot // existing free slices, then the slices this plan creates
+	occ     mig.Occupancy
+	avail   uint16 // memory slices not held by pinned, assigned or created slices
+	best    []option
+	have    uint16 // bit c: best[c] is current
 }
 
 // slot is a slice inside the planner: model profile index, start, state.
@@ -181,14 +185,17 @@ func newWorld(s *Snapshot) *world {
 			}
 		}
 	}
+	w.demanded = map[mig.ProfileName]bool{}
 	for _, p := range s.Pods {
 		for _, prof := range sortedProfiles(p.Requests) {
 			intern(prof)
+			w.demanded[prof] = true
 		}
 	}
 	w.models = map[*mig.Model]modelLocal{}
 	nodeIndex := make(map[string]int, len(s.Nodes))
 	w.all = make([]int, len(s.Nodes))
+	w.nodes = make([]*nodeState, 0, len(s.Nodes))
 	for ni := range s.Nodes {
 		nodeIndex[s.Nodes[ni].Name] = ni
 		w.all[ni] = ni
@@ -222,37 +229,67 @@ func newWorld(s *Snapshot) *world {
 type modelLocal struct {
 	mi    *modelInfo
 	local []int
+	// cached is, per model profile index, where a GPU caches its option
+	// (gpuState.best), or -1 for a profile no pod asks for (never
+	// cached): a GPU's cache holds only the profiles pods ask for.
+	cached  []int8
+	ncached int
 }
 
-// buildNode builds node ni's planning state as the snapshot has it.
+// buildNode builds node ni's planning state as the snapshot has it. Its
+// GPUs' states and slots share one allocation each (every plan builds
+// thousands); a GPU's pinned and free slots are windows of the slots
+// clipped to their length, so that appending to one copies it.
 func (w *world) buildNode(ni int) *nodeState {
 	n := &w.snap.Nodes[ni]
-	ns := &nodeState{name: n.Name, profiles: len(w.profs)}
+	ns := &nodeState{name: n.Name, profiles: len(w.profs), gpus: make([]*gpuState, len(n.GPUs))}
+	states := make([]gpuState, len(n.GPUs))
+	total := 0
 	for _, g := range n.GPUs {
+		total += len(g.Slices)
+	}
+	slots := make([]slot, 0, total)
+	for gi, g := range n.GPUs {
 		ml, ok := w.models[g.Model]
 		if !ok {
-			ml = modelLocal{mi: infoFor(g.Model), local: make([]int, len(w.profs))}
+			ml = modelLocal{mi: infoFor(g.Model), local: make([]int, len(w.profs)), cached: make([]int8, len(g.Model.Profiles))}
 			for id, p := range w.profs {
 				ml.local[id] = -1
 				if i, ok := g.Model.ProfileIndex(p); ok {
 					ml.local[id] = i
 				}
 			}
+			for q, p := range g.Model.Profiles {
+				ml.cached[q] = -1
+				if w.demanded[p.Name] {
+					ml.cached[q] = int8(ml.ncached)
+					ml.ncached++
+				}
+			}
 			w.models[g.Model] = ml
 		}
-		gs := &gpuState{index: g.Index, model: g.Model, mi: ml.mi, local: ml.local, avail: g.Model.FullMask()}
+		gs := &states[gi]
+		*gs = gpuState{index: g.Index, model: g.Model, mi: ml.mi, local: ml.local, cached: ml.cached, ncached: ml.ncached, avail: g.Model.FullMask()}
+		first := len(slots)
 		for _, sl := range g.Slices {
 			i, _ := g.Model.ProfileIndex(sl.Profile)
 			g.Model.Add(&gs.occ, i, sl.Start)
 			if sl.Used {
-				gs.pinned = append(gs.pinned, slot{prof: i, start: sl.Start, used: true})
+				slots = append(slots, slot{prof: i, start: sl.Start, used: true})
 				gs.avail &^= g.Model.Mask(i, sl.Start)
-			} else {
-				gs.free = append(gs.free, slot{prof: i, start: sl.Start})
 			}
 		}
+		gs.pinned = slots[first:len(slots):len(slots)]
+		first = len(slots)
+		for _, sl := range g.Slices {
+			if !sl.Used {
+				i, _ := g.Model.ProfileIndex(sl.Profile)
+				slots = append(slots, slot{prof: i, start: sl.Start})
+			}
+		}
+		gs.free = slots[first:len(slots):len(slots)]
 		slices.SortStableFunc(gs.free, func(a, b slot) int { return a.start - b.start })
-		ns.gpus = append(ns.gpus, gs)
+		ns.gpus[gi] = gs
 	}
 	w.pinBound(ns, n.Bound)
 	return ns
@@ -294,14 +331,18 @@ func (g *gpuState) held() uint16 { return g.model.FullMask() &^ g.avail }
 // options returns the best way to get one slice of model profile q, from
 // the cache.
 func (g *gpuState) option(q int) option {
-	if g.have&(1<<q) == 0 {
-		if g.best == nil {
-			g.best = make([]option, len(g.model.Profiles))
-		}
-		g.best[q] = g.computeOption(q)
-		g.have |= 1 << q
+	c := g.cached[q]
+	if c < 0 {
+		return g.computeOption(q)
 	}
-	return g.best[q]
+	if g.have&(1<<c) == 0 {
+		if g.best == nil {
+			g.best = make([]option, g.ncached)
+		}
+		g.best[c] = g.computeOption(q)
+		g.have |= 1 << c
+	}
+	return g.best[c]
 }
 
 func (g *gpuState) score(o *option, q int, mask uint16) {
@@ -419,13 +460,15 @@ func (n *nodeState) place(id int) (SliceRef, option, bool) {
 
 // clone copies a node's mutable state so that a placement can be tried.
 func (n *nodeState) clone() *nodeState {
-	c := &nodeState{name: n.name, profiles: n.profiles}
-	for _, g := range n.gpus {
-		cg := *g
+	c := &nodeState{name: n.name, profiles: n.profiles, gpus: make([]*gpuState, len(n.gpus))}
+	states := make([]gpuState, len(n.gpus))
+	for i, g := range n.gpus {
+		cg := &states[i]
+		*cg = *g
 		cg.pinned = g.pinned // never mutated
-		cg.free = append([]slot(nil), g.free...)
+		cg.free = slices.Clip(slices.Clone(g.free))
 		cg.best, cg.have = nil, 0
-		c.gpus = append(c.gpus, &cg)
+		c.gpus[i] = cg
 	}
 	return c
 }
@@ -502,11 +545,11 @@ func (w *world) stranded() int {
 
 // plan renders the world as a Plan.
 func (w *world) plan(strategy string) *Plan {
-	p := &Plan{Strategy: strategy}
+	p := &Plan{Strategy: strategy, Nodes: make([]NodeLayout, 0, len(w.nodes)), Pods: make([]Assignment, 0, len(w.pods))}
 	for _, n := range w.nodes {
-		nl := NodeLayout{Name: n.name}
+		nl := NodeLayout{Name: n.name, GPUs: make([]GPULayout, 0, len(n.gpus))}
 		for _, g := range n.gpus {
-			gl := GPULayout{Index: g.index, Model: g.model.Name, Slices: []Slice{}}
+			gl := GPULayout{Index: g.index, Model: g.model.Name, Slices: make([]Slice, 0, len(g.pinned)+len(g.free))}
 			add := func(s slot) {
 				gl.Slices = append(gl.Slices, Slice{Slice: mig.Slice{Profile: g.model.Profiles[s.prof].Name, Start: s.start}, Used: s.used})
 			}
@@ -523,7 +566,7 @@ func (w *world) plan(strategy string) *Plan {
 				}
 				add(s)
 			}
-			sort.Slice(gl.Slices, func(a, b int) bool { return gl.Slices[a].Start < gl.Slices[b].Start })
+			slices.SortFunc(gl.Slices, func(a, b Slice) int { return a.Start - b.Start })
 			nl.GPUs = append(nl.GPUs, gl)
 		}
 		p.Nodes = append(p.Nodes, nl)
