@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -32,6 +34,7 @@ type view struct {
 	// open is ni with room for any MIG request on it (openMIG), built
 	// once per plan for the pending pods' other filters.
 	open fwk.NodeInfo
+	room room // for the pod planned, when candidates are capped
 }
 
 // views lists the nodes the plan for pod may change: selected by the node
@@ -78,16 +81,18 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 		cands = append(cands, &view{ni: ni, part: part})
 	}
 	if limit := int(p.args.MaxNodesPerPlan); len(cands) > limit {
-		rooms := make(map[*view]room, len(cands))
+		offers := map[*mig.Model]bool{}
 		for _, v := range cands {
-			rooms[v] = roomFor(v.part, d)
+			v.room = roomFor(v.part, d, offers)
 		}
-		sort.Slice(cands, func(i, j int) bool {
-			a, b := rooms[cands[i]], rooms[cands[j]]
-			if a != b {
-				return a.better(b)
+		slices.SortFunc(cands, func(a, b *view) int {
+			if a.room != b.room {
+				if a.room.better(b.room) {
+					return -1
+				}
+				return 1
 			}
-			return cands[i].ni.Node().Name < cands[j].ni.Node().Name
+			return strings.Compare(a.ni.Node().Name, b.ni.Node().Name)
 		})
 		for _, v := range cands[limit:] {
 			left[v.ni.Node().Name] = true
@@ -131,27 +136,30 @@ func (a room) better(b room) bool {
 	return a.compute > b.compute
 }
 
-func roomFor(part *partition.Node, d demand.Demand) room {
+// roomFor is the node's room for the demand; offers caches, per model,
+// whether it offers a profile of the demand.
+func roomFor(part *partition.Node, d demand.Demand, offers map[*mig.Model]bool) room {
 	var r room
 	for i := range part.GPUs {
 		g := &part.GPUs[i]
 		if !g.Plannable() {
 			continue
 		}
-		offers := false
-		for prof := range d {
-			_, ok := g.Model.ProfileIndex(prof)
-			offers = offers || ok
+		offered, known := offers[g.Model]
+		if !known {
+			for prof := range d {
+				_, ok := g.Model.ProfileIndex(prof)
+				offered = offered || ok
+			}
+			offers[g.Model] = offered
 		}
-		if !offers {
+		if !offered {
 			continue
 		}
 		compute := g.Model.ComputeSlices
 		for _, s := range g.Slices {
 			if s.Used {
-				if pi, ok := g.Model.ProfileIndex(s.Profile); ok {
-					compute -= g.Model.Profiles[pi].ComputeSlices
-				}
+				compute -= s.Profile.Compute
 			} else if _, asked := d[s.Profile]; asked {
 				r.free++
 			}
