@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/dynamig/dynamig/manifests"
@@ -94,9 +95,9 @@ type podTimes struct {
 	bound, running map[string]time.Time
 }
 
-func watchPods(ctx context.Context, c *Cluster, ns string) *podTimes {
+func watchPods(ctx context.Context, kube kubernetes.Interface, ns string) *podTimes {
 	pt := &podTimes{bound: map[string]time.Time{}, running: map[string]time.Time{}}
-	f := informers.NewSharedInformerFactoryWithOptions(c.Kube, 0, informers.WithNamespace(ns))
+	f := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithNamespace(ns))
 	record := func(obj any) {
 		p, ok := obj.(*v1.Pod)
 		if !ok {
@@ -148,7 +149,7 @@ func benchBurst(ctx context.Context, c *Cluster, o BenchOptions, plugin string, 
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	pt := watchPods(ctx, c, ns)
+	pt := watchPods(ctx, c.Kube, ns)
 	r := rand.New(rand.NewPCG(o.Seed, 1))
 	created := map[string]time.Time{}
 	for i := range o.Pods {
@@ -211,7 +212,7 @@ func benchThroughput(ctx context.Context, c *Cluster, o BenchOptions) (string, e
 			return "", err
 		}
 		wctx, cancel := context.WithCancel(ctx)
-		pt := watchPods(wctx, c, ns)
+		pt := watchPods(wctx, c.Kube, ns)
 		for i := range o.CPUPods {
 			p := Pod(fmt.Sprintf("cpu-%04d", i), nil)
 			p.Namespace = ns

@@ -305,7 +305,7 @@ func burstPods(snap *planner.Snapshot, last planner.Node, prefix string) []*v1.P
 func createAndBind(ctx context.Context, kube kubernetes.Interface, pods []*v1.Pod, rate float64, stall time.Duration) (int, time.Duration, error) {
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	pt := watchPods(wctx, &Cluster{Kube: kube}, pods[0].Namespace)
+	pt := watchPods(wctx, kube, pods[0].Namespace)
 	created := time.Now()
 	workers, every := 16, time.Duration(0)
 	if rate > 0 {
@@ -427,7 +427,7 @@ func cpuRun(ctx context.Context, kube kubernetes.Interface, dir string, cp *cont
 	}
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	pt := watchPods(wctx, &Cluster{Kube: kube}, ns)
+	pt := watchPods(wctx, kube, ns)
 	if err := parallel(ctx, o.CPUPods, 16, func(ctx context.Context, i int) error {
 		p := Pod(fmt.Sprintf("cpu-%05d", i), nil)
 		p.Namespace = ns
