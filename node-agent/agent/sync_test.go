@@ -643,18 +643,25 @@ func TestStatusBuildsOnWhatTheAgentWrote(t *testing.T) {
 	assert.Equal(t, start.Status, got.Status, "the mid-plan report does not linger")
 }
 
-// Each GPU's steps run in order, the GPUs side by side: with every
-// GPU-instance create taking 50 ms, the second GPU's first slice exists
-// before the first GPU's last; a failure on one GPU stops the others
-// after their current step.
-func TestApplyRunsGPUsSideBySide(t *testing.T) {
+// slowTwoGPUs is an agent on two simulated A100-80GB whose GPU-instance
+// creates take 50 ms each.
+func slowTwoGPUs(t *testing.T) (*gpu.Simulator, *Agent, context.Context) {
+	t.Helper()
 	sim, err := gpu.NewSimulator(t.Name(), "A100-80GB", "A100-80GB")
 	require.NoError(t, err)
 	lib, err := gpu.Open(sim.Interface())
 	require.NoError(t, err)
 	sim.SetLatency(gpu.MethodCreateGPUInstance, 50*time.Millisecond)
-	a := &Agent{lib: lib, kubelet: fakeKubelet{}, podLister: podLister(t)}
 	_, ctx := ktesting.NewTestContext(t)
+	return sim, &Agent{lib: lib, kubelet: fakeKubelet{}, podLister: podLister(t)}, ctx
+}
+
+// Each GPU's steps run in order, the GPUs side by side: with every
+// GPU-instance create taking 50 ms, the second GPU's first slice exists
+// before the first GPU's last; a failure on one GPU stops the others
+// after their current step.
+func TestApplyRunsGPUsSideBySide(t *testing.T) {
+	sim, a, ctx := slowTwoGPUs(t)
 	var steps []Step
 	for g := range 2 {
 		for _, start := range []int{0, 1, 2} {
@@ -724,13 +731,7 @@ func never() bool { return false }
 // busiest GPU: gpu 0 has three slices to create, gpu 1 one; once a step
 // is done the spec is newer, and gpu 0 makes no second slice.
 func TestApplyMakesWayForANewerSpec(t *testing.T) {
-	sim, err := gpu.NewSimulator(t.Name(), "A100-80GB", "A100-80GB")
-	require.NoError(t, err)
-	lib, err := gpu.Open(sim.Interface())
-	require.NoError(t, err)
-	sim.SetLatency(gpu.MethodCreateGPUInstance, 50*time.Millisecond)
-	a := &Agent{lib: lib, kubelet: fakeKubelet{}, podLister: podLister(t)}
-	_, ctx := ktesting.NewTestContext(t)
+	sim, a, ctx := slowTwoGPUs(t)
 	steps := []Step{{Create, 0, sl("1g.10gb", 0)}, {Create, 0, sl("1g.10gb", 1)}, {Create, 0, sl("1g.10gb", 2)}, {Create, 1, sl("3g.40gb", 4)}}
 	var published atomic.Bool
 	newer := func() bool { return published.Load() }
