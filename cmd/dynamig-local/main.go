@@ -49,6 +49,7 @@ func main() {
 	fs.IntVar(&so.CPUPods, "scale-cpu-pods", 1000, "scale: non-GPU pods per throughput run")
 	fs.IntVar(&so.Pairs, "scale-pairs", 5, "scale: paired throughput runs with and without DynamicMIG (0: skip)")
 	fs.Float64Var(&so.SteadyRate, "scale-steady-rate", 10, "scale: after the burst, create as many 7g.80gb pods at this rate a second, each needing a new layout, for the PostFilter latency over about one plan per pod (0: skip)")
+	fs.DurationVar(&so.ApplyDelay, "scale-apply-delay", 0, "scale: time the light node model takes to apply a new spec (default: at once)")
 	fs.Uint64Var(&so.Seed, "scale-seed", 1, "scale: seed of the cluster's layouts and the burst")
 	fs.DurationVar(&so.Stall, "scale-stall", time.Minute, "scale: stop waiting for binds after this long without one and report the pods left")
 	output := fs.String("o", "table", "scale: output format, table or json")

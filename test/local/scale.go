@@ -40,6 +40,9 @@ type ScaleOptions struct {
 	// (0: skipped).
 	CPUPods, Pairs int
 	Seed           uint64
+	// ApplyDelay is how long the node model takes to apply a new spec
+	// (0: at once, instant hardware).
+	ApplyDelay time.Duration
 	// SteadyRate, if not 0, adds a steady phase after the burst: Pods more
 	// MIG pods, each asking for a whole GPU as one slice (7g.80gb),
 	// created SteadyRate a second, so that each gets a plan of its own
@@ -193,7 +196,7 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 	fmt.Fprintf(o.Progress, "creating %d nodes and their NodePartitions\n", o.Nodes)
 	mctx, stopModel := context.WithCancel(ctx)
 	defer stopModel()
-	m, err := newScaleModel(mctx, kube, dyn, snap, map[string]map[string]string{last.Name: {lastNodeLabel: "true"}}, 0, 32)
+	m, err := newScaleModel(mctx, kube, dyn, snap, map[string]map[string]string{last.Name: {lastNodeLabel: "true"}}, o.ApplyDelay, 32)
 	if err != nil {
 		return nil, err
 	}
