@@ -369,12 +369,13 @@ func (a *Agent) sync(ctx context.Context) error {
 		// Each report wakes the scheduler for the pods it may serve.
 		progress = func(ctx context.Context) { a.progress(ctx, np, node) }
 	}
-	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus, progress, a.newer(np))
+	newer := a.newer(np)
+	out := a.apply(klog.NewContext(ctx, logger.WithValues("plan", np.Spec.PlanID)), d.steps, obs.gpus, progress, newer)
 	out.conflicts, out.refused = append(d.conflicts, out.conflicts...), d.refused
 	if len(out.steps) > 0 {
 		a.replaced = nil // plugin pods started until now scanned an older layout
 	}
-	if out.err == nil && (out.superseded || a.newer(np)()) {
+	if out.err == nil && (out.superseded || newer()) {
 		if len(out.steps) > 0 {
 			applyDuration.WithLabelValues("superseded").Observe(time.Since(start).Seconds())
 		}

@@ -255,7 +255,7 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 		if err != nil {
 			return nil, err
 		}
-		res.measureSteady(after, end)
+		res.SteadyPlans, res.SteadyPostFilterP50Ms, res.SteadyPostFilterP99Ms = plans(after, end)
 		pods = append(pods, steady...)
 	}
 	res.SchedulerPeakRSSMiB = sched.peakRSS()
@@ -367,23 +367,21 @@ func unschedulableReason(p *v1.Pod) string {
 // measure fills the plan count, PostFilter quantiles and API requests from
 // the scheduler's metrics before and after the burst.
 func (r *ScaleResult) measure(before, after map[string]*dto.MetricFamily) {
-	r.Plans = int(counterSum(after, "dynamig_scheduler_plans_total") - counterSum(before, "dynamig_scheduler_plans_total"))
+	r.Plans, r.PostFilterP50Ms, r.PostFilterP99Ms = plans(before, after)
 	if r.Pods > 0 {
 		r.PlansPerPod = float64(r.Plans) / float64(r.Pods)
 	}
-	h := histogramDelta(before["dynamig_scheduler_plan_duration_seconds"], after["dynamig_scheduler_plan_duration_seconds"])
-	r.PostFilterP50Ms, r.PostFilterP99Ms = 1000*h.quantile(0.5), 1000*h.quantile(0.99)
 	if r.Bound > 0 {
 		r.APIRequestsPerPod = (counterSum(after, "rest_client_requests_total") - counterSum(before, "rest_client_requests_total")) / float64(r.Bound)
 	}
 }
 
-// measureSteady fills the steady phase's plan count and PostFilter
-// quantiles.
-func (r *ScaleResult) measureSteady(before, after map[string]*dto.MetricFamily) {
-	r.SteadyPlans = int(counterSum(after, "dynamig_scheduler_plans_total") - counterSum(before, "dynamig_scheduler_plans_total"))
+// plans is how many plans DynamicMIG made between two scrapes and their
+// PostFilter p50 and p99 in milliseconds.
+func plans(before, after map[string]*dto.MetricFamily) (n int, p50, p99 float64) {
+	n = int(counterSum(after, "dynamig_scheduler_plans_total") - counterSum(before, "dynamig_scheduler_plans_total"))
 	h := histogramDelta(before["dynamig_scheduler_plan_duration_seconds"], after["dynamig_scheduler_plan_duration_seconds"])
-	r.SteadyPostFilterP50Ms, r.SteadyPostFilterP99Ms = 1000*h.quantile(0.5), 1000*h.quantile(0.99)
+	return n, 1000 * h.quantile(0.5), 1000 * h.quantile(0.99)
 }
 
 // throughput binds CPUPods pending non-GPU pods Pairs times with the

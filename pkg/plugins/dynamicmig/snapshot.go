@@ -233,7 +233,9 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 		key, keyed := filterKey(other)
 		if nodes, ok := alike[key]; keyed && ok {
 			if nodes != nil {
-				snap.Pods = append(snap.Pods, planner.Pod{Name: podKey(other), Requests: od, Created: other.CreationTimestamp.Time, Priority: priority(other), Nodes: nodes})
+				pp := newPlannerPod(other, od)
+				pp.Nodes = nodes
+				snap.Pods = append(snap.Pods, pp)
 			}
 			continue
 		}
@@ -274,13 +276,19 @@ func podKey(pod *v1.Pod) string { return pod.Namespace + "/" + pod.Name }
 // plannerPod is a pod as the planner sees it, with the nodes whose filters
 // (other than MIG capacity) accept it.
 func (p *DynamicMIG) plannerPod(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view, names []string) planner.Pod {
-	pp := planner.Pod{Name: podKey(pod), Requests: d, Created: pod.CreationTimestamp.Time, Priority: priority(pod), Nodes: []string{}}
+	pp := newPlannerPod(pod, d)
+	pp.Nodes = []string{}
 	for _, name := range names {
 		if p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, views[name].open).IsSuccess() {
 			pp.Nodes = append(pp.Nodes, name)
 		}
 	}
 	return pp
+}
+
+// newPlannerPod is the pod as the planner sees it, its nodes not set.
+func newPlannerPod(pod *v1.Pod, d demand.Demand) planner.Pod {
+	return planner.Pod{Name: podKey(pod), Requests: d, Created: pod.CreationTimestamp.Time, Priority: priority(pod)}
 }
 
 // otherPending lists the other pending pods of this profile that ask for
