@@ -35,14 +35,14 @@ func advertisable(observed []Observed) map[v1.ResourceName]int64 {
 }
 
 // allocatableDiff says which MIG resources Node allocatable still shows
-// fewer of than want, so that the scheduler cannot place pods on them yet;
-// "" if none. More than want is not waited for: kubelet writes a
+// fewer of than want; "" if none. The agent goes by it only when it
+// cannot ask kubelet (PodResources unavailable): a node whose slices did
+// not change and whose Node allocatable shows them needs no
+// re-advertisement. More than want is not a difference: kubelet writes a
 // resource's drop only at its next status update, and when that update
 // fails at the moment kubelet retires a resource (5 minutes after its
 // plugin left) the stale value stays on the Node for good, as kubelet no
-// longer reports the resource. What kubelet can really hand out is
-// checked by identity (identityDiff), and the scheduler places MIG pods by
-// the NodePartition's slices, not by Node allocatable.
+// longer reports the resource.
 func allocatableDiff(node *v1.Node, want map[v1.ResourceName]int64) string {
 	var diffs []string
 	for r, n := range want {
@@ -97,9 +97,10 @@ func identityDiff(allocatable map[string][]string, observed []Observed) string {
 var errKubeletUnknown = errors.New("cannot confirm what kubelet can allocate")
 
 // advertise makes the device plugin advertise the observed slices: the
-// agent's own (advertiseOwn), or NVIDIA's, after
-// the agent changed them (changed) or when Node allocatable or the device
-// IDs kubelet can allocate are not exactly them. kubelet fails the
+// agent's own (advertiseOwn), or NVIDIA's, after the agent changed them
+// (changed) or when the device IDs kubelet can allocate are not exactly
+// them (Node allocatable shows too few, when kubelet cannot be asked).
+// kubelet fails the
 // admission of a pod asking for a resource whose plugin restarts, for
 // good, so before the restart it marks the NodePartition
 // DevicePluginRestarting (the scheduler binds no MIG pod to the node
@@ -117,7 +118,7 @@ func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node 
 		}
 		return fmt.Errorf("%w: %w", errKubeletUnknown, obs.kubeletErr)
 	}
-	if !changed && allocatableDiff(node, advertisable(obs.gpus)) == "" && identityDiff(obs.allocatable, obs.gpus) == "" {
+	if !changed && identityDiff(obs.allocatable, obs.gpus) == "" {
 		return nil
 	}
 	if pods := obs.anyWaiting(); len(pods) > 0 && !guard.Off(guard.Admission) {
@@ -137,10 +138,13 @@ func (a *Agent) advertise(ctx context.Context, np *v1alpha1.NodePartition, node 
 // readvertise makes the NVIDIA device plugin, which scans MIG devices only
 // when it starts, advertise the node's slices: it deletes the plugin's pod
 // on this node, waits for a replacement (a new UID) to be Ready, then for
-// Node allocatable to match the slices and kubelet to be able to allocate
-// exactly their MIG UUIDs (identity, not counts: an unchanged count matches
-// before the new plugin registers). Waiting on observed state, not a
-// sleep, bounded by DevicePluginTimeout.
+// kubelet to be able to allocate exactly their MIG UUIDs (identity, not
+// counts: an unchanged count matches before the new plugin registers).
+// Not for Node allocatable: kubelet writes it only at its next status
+// update, up to nodeStatusUpdateFrequency (10 s) later, and admits from
+// its device manager, which already has the devices; the status reports
+// them advertised and the scheduler counts those. Waiting on observed
+// state, not a sleep, bounded by DevicePluginTimeout.
 func (a *Agent) readvertise(ctx context.Context, obs *observation) error {
 	logger := klog.FromContext(ctx)
 	start := time.Now()
@@ -171,7 +175,6 @@ func (a *Agent) readvertise(ctx context.Context, obs *observation) error {
 	if len(a.replaced) == 0 {
 		logger.Info("no device-plugin pod on this node; waiting for Node allocatable only", "namespace", a.cfg.DevicePluginNamespace, "selector", a.cfg.DevicePluginSelector)
 	}
-	want := advertisable(obs.gpus)
 	missing := ""
 	var confirmed map[string][]string
 	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, a.cfg.DevicePluginTimeout, true, func(ctx context.Context) (bool, error) {
@@ -181,13 +184,6 @@ func (a *Agent) readvertise(ctx context.Context, obs *observation) error {
 				missing = "no new device-plugin pod is Ready"
 				return false, nil
 			}
-		}
-		node, err := a.node()
-		if err != nil {
-			return false, nil
-		}
-		if missing = allocatableDiff(node, want); missing != "" {
-			return false, nil
 		}
 		allocatable, err := a.kubelet.Allocatable(ctx, mig.ResourcePrefix)
 		if err != nil {

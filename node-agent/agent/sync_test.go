@@ -351,11 +351,12 @@ func TestIdentityDiff(t *testing.T) {
 	assert.NotEmpty(t, identityDiff(map[string][]string{r1: {"MIG-1g.10gb", "MIG-3g.40gb"}}, observed), "under the wrong resource")
 }
 
-// Node allocatable gates a re-advertisement only while it shows fewer
-// slices than exist: a stale count of a retired resource (kubelet writes
-// its drop once, and a failed status update leaves it for good) does not
-// hold the plan back — seen in the soak, where the agent restarted the
-// plugin every 30 s for a 4g.24gb that no longer existed.
+// When kubelet cannot be asked, Node allocatable calls for a
+// re-advertisement only while it shows fewer slices than exist: a stale
+// count of a retired resource (kubelet writes its drop once, and a failed
+// status update leaves it for good) does not — seen in the soak, where the
+// agent, which then also waited for Node allocatable after each restart,
+// restarted the plugin every 30 s for a 4g.24gb that no longer existed.
 func TestAllocatableDiff(t *testing.T) {
 	const r1, r4 = "nvidia.com/mig-1g.6gb", "nvidia.com/mig-4g.24gb"
 	node := func(alloc map[string]int64) *v1.Node {

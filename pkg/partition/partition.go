@@ -45,12 +45,15 @@ type Node struct {
 	PlanTime time.Time
 	// Restarting is true while the agent restarts the node's device plugin,
 	// or while the node's kubelet restarts (condition
-	// DevicePluginRestarting), a plan in flight or not.
-	Restarting bool
+	// DevicePluginRestarting), a plan in flight or not. RestartEnded is
+	// when that condition last turned False: the agent had confirmed
+	// through PodResources what kubelet can allocate (zero if unknown).
+	Restarting   bool
+	RestartEnded time.Time
 	// AgentAdvertises is true when the agent is the node's device plugin
-	// (status.devicePlugin agent); Advertised then counts, per resource
-	// name, the slices the kubelet can allocate: what binding may count on
-	// before the kubelet's next node-status update shows them.
+	// (status.devicePlugin agent). Advertised counts, per resource name,
+	// the slices the kubelet can allocate, in either mode: what binding
+	// may count on before the kubelet's next node-status update shows them.
 	AgentAdvertises bool
 	Advertised      map[string]int64
 	// Applying is true while the agent of a node in agent mode applies the
@@ -121,7 +124,12 @@ func (g *GPU) Start(inFlight bool) []Slice {
 func Decode(np *v1alpha1.NodePartition) *Node {
 	n := &Node{Object: np, PlanID: np.Spec.PlanID}
 	n.InFlight = np.Spec.PlanID != "" && np.Spec.PlanID != np.Status.ObservedPlanID
-	n.Restarting = meta.IsStatusConditionTrue(np.Status.Conditions, v1alpha1.ConditionRestarting)
+	if c := meta.FindStatusCondition(np.Status.Conditions, v1alpha1.ConditionRestarting); c != nil {
+		n.Restarting = c.Status == metav1.ConditionTrue
+		if c.Status == metav1.ConditionFalse {
+			n.RestartEnded = c.LastTransitionTime.Time
+		}
+	}
 	n.AgentAdvertises = np.Status.DevicePlugin == v1alpha1.DevicePluginAgent
 	n.Applying = n.InFlight && n.AgentAdvertises && np.Status.ApplyingPlanID == np.Spec.PlanID
 	n.Advertised = map[string]int64{}

@@ -59,7 +59,7 @@ func GPU(index int32, model string, slices ...v1alpha1.SliceStatus) v1alpha1.GPU
 	return v1alpha1.GPUStatus{Index: index, Model: model, MIGMode: v1alpha1.MIGEnabled, Slices: slices}
 }
 
-// Used is a slice a container holds; Free one nobody holds.
+// Used is a slice a container holds.
 func Used(profile string, start int32) v1alpha1.SliceStatus {
 	return v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: profile, Start: start}, Used: true}
 }
@@ -67,6 +67,13 @@ func Used(profile string, start int32) v1alpha1.SliceStatus {
 // Free is a slice nobody holds.
 func Free(profile string, start int32) v1alpha1.SliceStatus {
 	return v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: profile, Start: start}}
+}
+
+// Advertised is a slice nobody holds that kubelet can allocate.
+func Advertised(profile string, start int32) v1alpha1.SliceStatus {
+	s := Free(profile, start)
+	s.Advertised = true
+	return s
 }
 
 // Without is a model's profiles less one, as an older driver offers them:

@@ -21,9 +21,10 @@ import (
 
 // fakeAgent plays, for its nodes, the node agent (it applies each
 // NodePartition spec by copying it to the status, as NVML would have made
-// it) and kubelet with the NVIDIA device plugin (it gives bound pods free
-// slices, marks those used, and advertises the slices as Node capacity and
-// allocatable). It records any plan that would destroy a used slice.
+// it, every slice advertised: kubelet can allocate it) and kubelet with the
+// NVIDIA device plugin (it gives bound pods free slices, marks those used,
+// and advertises the slices as Node capacity and allocatable). It records
+// any plan that would destroy a used slice.
 type fakeAgent struct {
 	c      *cluster
 	nodes  []string
@@ -71,7 +72,7 @@ func (c *cluster) addNode(t *testing.T, name string, models []string, labels map
 			Index: int32(i), UUID: fmt.Sprintf("GPU-%s-%d", name, i), Model: model, MIGMode: v1alpha1.MIGEnabled,
 		})
 		for _, s := range existing[i] {
-			np.Status.GPUs[i].Slices = append(np.Status.GPUs[i].Slices, v1alpha1.SliceStatus{Slice: s})
+			np.Status.GPUs[i].Slices = append(np.Status.GPUs[i].Slices, v1alpha1.SliceStatus{Slice: s, Advertised: true})
 		}
 	}
 	_, err = c.parts.UpdateStatus(ctx, np, metav1.UpdateOptions{})
@@ -161,7 +162,7 @@ func (a *fakeAgent) apply(np *v1alpha1.NodePartition) {
 			}
 			g.Slices = nil
 			for _, s := range want.Slices {
-				g.Slices = append(g.Slices, v1alpha1.SliceStatus{Slice: s, UUID: fmt.Sprintf("MIG-%s-%d-%s-%d", np.Name, g.Index, s.Profile, s.Start)})
+				g.Slices = append(g.Slices, v1alpha1.SliceStatus{Slice: s, UUID: fmt.Sprintf("MIG-%s-%d-%s-%d", np.Name, g.Index, s.Profile, s.Start), Advertised: true})
 			}
 		}
 	}

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"sort"
 	"testing"
@@ -23,6 +24,7 @@ import (
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
+	"github.com/dynamig/dynamig/pkg/partition"
 	"github.com/dynamig/dynamig/test/local"
 	"github.com/dynamig/dynamig/test/nodesim"
 )
@@ -222,6 +224,14 @@ func allocatable(t *testing.T, c *cluster, node string) map[string]int64 {
 	return out
 }
 
+// waitAllocatable waits for the node's MIG allocatable to be want.
+func (c *cluster) waitAllocatable(t *testing.T, node string, want map[string]int64) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "Node allocatable "+fmt.Sprint(want), func() (bool, error) {
+		return maps.Equal(allocatable(t, c, node), want), nil
+	})
+}
+
 // destroyedUUIDs are the MIG devices whose compute instance the simulator destroyed.
 func destroyedUUIDs(n *nodesim.Node) map[string]bool {
 	out := map[string]bool{}
@@ -285,8 +295,11 @@ func TestNodeAgent(t *testing.T) {
 		c.publish(t, "apply", "p-1", map[int32][]string{0: {"1g.10gb@0", "1g.10gb@1", "3g.40gb@4"}})
 		np := c.waitApplied(t, "apply", "p-1")
 		took := time.Since(start)
-		// Applied is reported only once the new slices are allocatable.
-		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.10gb": 2, "nvidia.com/mig-3g.40gb": 1}, allocatable(t, c, "apply"))
+		// Applied is reported only once kubelet can allocate the new
+		// slices: the status marks them advertised; Node allocatable
+		// follows at kubelet's next status update.
+		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.10gb": 2, "nvidia.com/mig-3g.40gb": 1}, partition.Decode(np).Advertised)
+		c.waitAllocatable(t, "apply", map[string]int64{"nvidia.com/mig-1g.10gb": 2, "nvidia.com/mig-3g.40gb": 1})
 		assert.Equal(t, []string{"1g.10gb@0", "1g.10gb@1", "3g.40gb@4"}, layoutStrings(n.Sim.Layout(0)))
 		assert.GreaterOrEqual(t, took, 500*time.Millisecond, "the agent waited for the restarted device plugin")
 		assert.NotEqual(t, pluginBefore, c.devicePluginUID(t, "apply"), "device plugin pod replaced")
@@ -446,8 +459,9 @@ func TestNodeAgent(t *testing.T) {
 		assert.NotEqual(t, "p-1", np.Status.ObservedPlanID, "not applied while the slices are not advertised")
 		assert.Len(t, np.Status.GPUs[0].Slices, 3, "the status says what exists")
 		n.PauseDevicePlugin(false)
-		c.waitApplied(t, "plugin", "p-1")
-		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, allocatable(t, c, "plugin"))
+		np = c.waitApplied(t, "plugin", "p-1")
+		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, partition.Decode(np).Advertised)
+		c.waitAllocatable(t, "plugin", map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1})
 	})
 
 	t.Run("a device plugin slower than the timeout is waited for, not restarted again", func(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -239,14 +240,22 @@ func (p *proc) exited() bool {
 	}
 }
 
-// freePort asks the kernel for a free loopback port.
+// freePort finds a free loopback port below the kernel's ephemeral range
+// (Linux's default starts at 32768): a port the kernel picks for us is one
+// it may hand out again to any process's outgoing connection before our
+// server binds it — with several clusters side by side (make soak
+// PARALLEL=4) one kube-apiserver failed "address already in use" that way.
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	const low, high = 20000, 32768
+	var err error
+	for range 100 {
+		var l net.Listener
+		if l, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", low+mrand.IntN(high-low))); err == nil {
+			port := l.Addr().(*net.TCPAddr).Port
+			return port, l.Close()
+		}
 	}
-	defer func() { _ = l.Close() }()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, fmt.Errorf("no free loopback port in [%d, %d): %w", low, high, err)
 }
 
 // controlPlane is etcd, kube-apiserver and kube-controller-manager.
@@ -261,13 +270,15 @@ const adminToken = "dynamig-local-admin"
 // startControlPlane starts etcd from bin and kube-apiserver and
 // kube-controller-manager from k8sBin.
 func startControlPlane(ctx context.Context, dir, bin, k8sBin string) (*controlPlane, error) {
-	ports := make([]int, 4)
-	for i := range ports {
+	var ports []int
+	for len(ports) < 4 {
 		p, err := freePort()
 		if err != nil {
 			return nil, err
 		}
-		ports[i] = p
+		if !slices.Contains(ports, p) {
+			ports = append(ports, p)
+		}
 	}
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", ports[0])
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", ports[1])

@@ -3,6 +3,7 @@ package dynamicmig
 import (
 	"context"
 	"fmt"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/guard"
+	"github.com/dynamig/dynamig/pkg/partition"
 )
 
 const (
@@ -77,8 +79,9 @@ const (
 )
 
 // Filter rejects a node without enough free slices of the pod's profiles
-// (advertised, in agent mode, else Node allocatable, less what the pods
-// on the node request; NodeResourcesFit leaves MIG resources to it),
+// (those its NodePartition reports advertised — kubelet can allocate
+// them — or, for a node without one, Node allocatable; less what the
+// pods on the node request; NodeResourcesFit leaves MIG resources to it),
 // so that DynamicMIG is among the pod's rejectors and is asked again when
 // capacity appears (see requeue.go); NodeResourcesFit's hints alone would
 // wait for allocatable to grow, which no repartition of freed slices
@@ -123,19 +126,46 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 	for prof, want := range s.demand {
 		r := v1.ResourceName(prof.ResourceName())
 		have := allocatable[r]
-		if part != nil && part.AgentAdvertises {
-			// The agent is the node's device plugin and says which
-			// slices kubelet can allocate; Node allocatable shows them
-			// only at kubelet's next node-status update. Devices kubelet
-			// holds unhealthy (capacity above allocatable: the plugin
-			// went, as when the agent crashed without a word) do not
-			// count, whatever the agent said last.
-			capacity := node.Status.Capacity[r]
-			have = part.Advertised[string(r)] - max(0, capacity.Value()-allocatable[r])
+		if part != nil {
+			// The agent says which slices kubelet can allocate (its
+			// device manager admits from them); Node allocatable shows
+			// them only at kubelet's next node-status update.
+			have = part.Advertised[string(r)] - unhealthy(node, part, r, allocatable[r])
 		}
 		if have-requested[r] < int64(want) {
 			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s", prof))
 		}
 	}
 	return nil
+}
+
+// unhealthy counts the devices of r kubelet holds unhealthy (Node
+// capacity above allocatable: their plugin went, as when the agent
+// crashed without a word): they do not count, whatever the agent said
+// last. A node status kubelet posted before the device plugin's last
+// restart ended (the agent's own, or NVIDIA's in restart mode) is not
+// taken for that: the agent confirmed what kubelet can allocate since.
+// Both times come from the node's clock, to the second; a status of the
+// same second counts.
+func unhealthy(node *v1.Node, part *partition.Node, r v1.ResourceName, allocatable int64) int64 {
+	capacity := node.Status.Capacity[r]
+	n := capacity.Value() - allocatable
+	if n <= 0 || postedBefore(node, part.RestartEnded) {
+		return 0
+	}
+	return n
+}
+
+// postedBefore reports whether kubelet's last node status (its Ready
+// heartbeat, written with every status it posts) predates t.
+func postedBefore(node *v1.Node, t time.Time) bool {
+	if t.IsZero() {
+		return false
+	}
+	for _, c := range node.Status.Conditions {
+		if c.Type == v1.NodeReady {
+			return c.LastHeartbeatTime.Time.Before(t)
+		}
+	}
+	return false
 }

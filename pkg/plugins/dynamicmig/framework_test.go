@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -262,12 +263,10 @@ func TestPostFilterPlansForOtherPendingPodsToo(t *testing.T) {
 
 func TestPreFilterAndFilter(t *testing.T) {
 	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "7g.80gb", Start: 0}}}}
-	inflight := builders.NodePartition(spec, "p-2", "p-1", builders.GPU(0, "A100-80GB", v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 0}}))
+	inflight := builders.NodePartition(spec, "p-2", "p-1", builders.GPU(0, "A100-80GB", builders.Advertised("1g.10gb", 0)))
 	inflight.Name = "n1"
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": inflight}}
-	node := migNode("n1")
-	node.Status.Allocatable["nvidia.com/mig-1g.10gb"] = resource.MustParse("1")
-	nodes := []*v1.Node{node}
+	nodes := []*v1.Node{migNode("n1")}
 	plain := pendingPod("plain", builders.Resources("cpu", "1"))
 	bad := pendingPod("bad", builders.Resources("nvidia.com/mig-9g.99gb", "1"))
 	one := pendingPod("one", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
@@ -348,15 +347,13 @@ func TestPartitionChangedActivatesOnlyPodsItHelps(t *testing.T) {
 // the one the plan destroys (1g.10gb@1 here), and the device plugin
 // restarts to apply the plan.
 func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
-	status := builders.GPU(0, "A100-80GB", builders.Free("1g.10gb", 1), builders.Free("1g.10gb", 2), builders.Free("1g.10gb", 3), builders.Used("3g.40gb", 4))
+	status := builders.GPU(0, "A100-80GB", builders.Advertised("1g.10gb", 1), builders.Advertised("1g.10gb", 2), builders.Advertised("1g.10gb", 3), builders.Used("3g.40gb", 4))
 	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "2g.20gb", Start: 0}, {Profile: "1g.10gb", Start: 2}, {Profile: "1g.10gb", Start: 3}, {Profile: "3g.40gb", Start: 4}}}}
 	inflight := builders.NodePartition(spec, "p-2", "p-1", status)
 	inflight.Name = "n1"
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": inflight}}
-	node := migNode("n1")
-	node.Status.Allocatable["nvidia.com/mig-1g.10gb"] = resource.MustParse("3")
 	pod := pendingPod("p", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
-	fw, _ := testFramework(t, parts, []*v1.Node{node}, pod)
+	fw, _ := testFramework(t, parts, []*v1.Node{migNode("n1")}, pod)
 	_, ctx := ktesting.NewTestContext(t)
 	state := framework.NewCycleState()
 	_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
@@ -380,16 +377,16 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	assert.True(t, fw.RunFilterPlugins(ctx, state, pod, ni).IsSuccess(), "applied, advertised: the pod fits")
 }
 
-// In agent mode Filter counts the slices the agent reports kubelet can
-// allocate, not Node allocatable, which shows them only at kubelet's next
-// node-status update; a slice kubelet cannot allocate yet does not count,
-// and neither does any while a plan is in flight whose destroys kubelet
-// may still hand out. In restart mode Node allocatable decides, and a
-// plan in flight keeps every MIG pod off the node, as before.
-func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
-	advertised := builders.Free("1g.10gb", 1)
-	advertised.Advertised = true
-	np := builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", advertised, builders.Free("1g.10gb", 2), builders.Used("3g.40gb", 4)))
+// Filter counts the slices the agent reports kubelet can allocate, not
+// Node allocatable, which shows them only at kubelet's next node-status
+// update: in agent mode, and in restart mode once NVIDIA's plugin is back
+// with them. A slice kubelet cannot allocate yet does not count, nor one
+// kubelet holds unhealthy in a status posted after the device plugin's
+// last restart ended; and none while a plan is in flight whose destroys
+// kubelet may still hand out (in restart mode, until the whole plan is
+// applied).
+func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
+	np := builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", builders.Advertised("1g.10gb", 1), builders.Free("1g.10gb", 2), builders.Used("3g.40gb", 4)))
 	np.Name = "n1"
 	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": np}}
 	node := migNode("n1") // kubelet has not written the slices to Node allocatable yet
@@ -406,22 +403,38 @@ func TestFilterCountsTheAgentsAdvertisedSlices(t *testing.T) {
 		return fw.RunFilterPlugins(ctx, state, pod, ni)
 	}
 
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "restart mode: Node allocatable has no 1g.10gb")
-	np.Status.DevicePlugin = v1alpha1.DevicePluginAgent
-	assert.True(t, filter(one).IsSuccess(), "agent mode: one 1g.10gb is advertised")
+	for _, mode := range []v1alpha1.DevicePluginMode{v1alpha1.DevicePluginNVIDIA, v1alpha1.DevicePluginAgent} {
+		np.Status.DevicePlugin = mode
+		assert.True(t, filter(one).IsSuccess(), "%s: one 1g.10gb is advertised", mode)
+		st := filter(two)
+		assert.Equal(t, fwk.Unschedulable, st.Code(), "%s: the second 1g.10gb exists but kubelet cannot allocate it yet", mode)
+		assert.Equal(t, "no free 1g.10gb", st.Message())
+	}
+
+	// kubelet holds the device unhealthy (capacity above allocatable).
+	ended := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	np.Status.Conditions = []metav1.Condition{{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionFalse, Reason: "NotRestarting", LastTransitionTime: metav1.NewTime(ended)}}
 	node.Status.Capacity = v1.ResourceList{"nvidia.com/mig-1g.10gb": resource.MustParse("1")}
+	posted := func(at time.Time) {
+		node.Status.Conditions = []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue, LastHeartbeatTime: metav1.NewTime(at)}}
+		ni.SetNode(node)
+	}
+	posted(ended.Add(-time.Second))
+	assert.True(t, filter(one).IsSuccess(), "a status posted while the device plugin restarted, which it has since done")
+	posted(ended)
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "posted in the second the restart ended: it counts")
+	posted(ended.Add(time.Minute))
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "posted after the restart ended: the plugin went since (the agent crashed)")
+	np.Status.Conditions = nil
+	posted(ended.Add(-time.Second))
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "no restart known: it counts")
+	node.Status.Capacity, node.Status.Conditions = nil, nil
 	ni.SetNode(node)
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "kubelet holds the device unhealthy: its plugin went (the agent crashed)")
-	node.Status.Capacity = nil
-	ni.SetNode(node)
-	st := filter(two)
-	assert.Equal(t, fwk.Unschedulable, st.Code(), "the second 1g.10gb exists but kubelet cannot allocate it yet")
-	assert.Equal(t, "no free 1g.10gb", st.Message())
 
 	// A plan in flight: nothing binds until the agent reports its destroys
 	// withdrawn (applyingPlanID); then the slices advertised so far count.
 	np.Spec.PlanID = "p-2"
-	st = filter(one)
+	st := filter(one)
 	assert.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Equal(t, reasonRepartitioning, st.Message())
 	np.Status.ApplyingPlanID = "p-1"

@@ -106,8 +106,9 @@ func TestCapacityChange(t *testing.T) {
 		{"the agent reported the node's GPUs", d(builders.NodePartition(nil, "p-1", "p-1")), freed, gpusReported},
 		{"a new NodePartition with GPUs", nil, freed, planApplied},
 		{"a new NodePartition without GPUs", nil, d(builders.NodePartition(nil, "", "")), ""},
-		{"the agent advertised a slice", d(agentMode(builders.Free("3g.40gb", 0))), d(agentMode(advertisedSlice("3g.40gb", 0))), advertised},
-		{"the agent withdrew a slice", d(agentMode(advertisedSlice("3g.40gb", 0))), d(agentMode(builders.Free("3g.40gb", 0))), ""},
+		{"the agent advertised a slice", d(agentMode(builders.Free("3g.40gb", 0))), d(agentMode(builders.Advertised("3g.40gb", 0))), advertised},
+		{"the agent withdrew a slice", d(agentMode(builders.Advertised("3g.40gb", 0))), d(agentMode(builders.Free("3g.40gb", 0))), ""},
+		{"kubelet can allocate a slice (restart mode)", freed, d(builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", builders.Advertised("3g.40gb", 0)))), advertised},
 		{"a newer plan was published mid-plan", applyingPlan("p-2", "p-2"), applyingPlan("p-3", "p-2"), ""},
 		{"the agent began applying the newer plan", applyingPlan("p-3", "p-2"), applyingPlan("p-3", "p-3"), applying},
 	}
@@ -126,15 +127,9 @@ func agentMode(slices ...v1alpha1.SliceStatus) *v1alpha1.NodePartition {
 // applyingPlan is a node in agent mode with plan in its spec while the
 // agent applies the plan applying, one slice of it advertised.
 func applyingPlan(plan, applying string) *partition.Node {
-	np := agentMode(advertisedSlice("1g.10gb", 0))
+	np := agentMode(builders.Advertised("1g.10gb", 0))
 	np.Spec.PlanID, np.Status.ApplyingPlanID = plan, applying
 	return partition.Decode(np)
-}
-
-func advertisedSlice(profile string, start int32) v1alpha1.SliceStatus {
-	s := builders.Free(profile, start)
-	s.Advertised = true
-	return s
 }
 
 func TestDescribe(t *testing.T) {

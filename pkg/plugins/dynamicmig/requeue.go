@@ -101,7 +101,7 @@ func capacityChange(old, n *partition.Node) string {
 		return slicesFreed
 	case old != nil && old.Restarting && !n.Restarting:
 		return restarted
-	case old != nil && n.AgentAdvertises && grew(old.Advertised, n.Advertised):
+	case old != nil && grew(old.Advertised, n.Advertised):
 		return advertised
 	case old != nil && n.Applying && !old.Applying:
 		// A newer plan was published while the agent applied one: the
