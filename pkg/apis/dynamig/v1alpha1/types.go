@@ -88,10 +88,9 @@ type NodePartitionStatus struct {
 
 	// DevicePlugin says who advertises the node's GPU resources to the
 	// kubelet: "nvidia" (NVIDIA's device plugin, restarted by the agent
-	// after each change; the scheduler counts free slices from Node
-	// allocatable) or "agent" (the agent itself; the scheduler counts the
-	// slices marked advertised, without waiting for the kubelet's next
-	// node-status update).
+	// after each change) or "agent" (the agent itself). In both, the
+	// scheduler counts the slices marked advertised, without waiting for
+	// the kubelet's next node-status update.
 	// +optional
 	DevicePlugin DevicePluginMode `json:"devicePlugin,omitempty"`
 
