@@ -71,17 +71,23 @@ type ScaleResult struct {
 	// Plans is the plans DynamicMIG computed (every result), PlansPerPod
 	// per burst pod; the PostFilter quantiles are over them, from the
 	// scheduler's histogram (dynamig_scheduler_plan_duration_seconds,
-	// interpolated within its buckets).
+	// interpolated within its buckets); the Publish quantiles are of the
+	// part of it spent writing NodePartition specs
+	// (dynamig_scheduler_plan_publish_duration_seconds).
 	Plans           int     `json:"plans"`
 	PlansPerPod     float64 `json:"plansPerPod"`
 	PostFilterP50Ms float64 `json:"postFilterP50Ms"`
 	PostFilterP99Ms float64 `json:"postFilterP99Ms"`
+	PublishP50Ms    float64 `json:"publishP50Ms"`
+	PublishP99Ms    float64 `json:"publishP99Ms"`
 	// SteadyPlans and the SteadyPostFilter quantiles are those of the
 	// steady phase (SteadyRate): as many more pods, created one by one,
 	// each needing a new layout.
 	SteadyPlans           int     `json:"steadyPlans,omitempty"`
 	SteadyPostFilterP50Ms float64 `json:"steadyPostFilterP50Ms,omitempty"`
 	SteadyPostFilterP99Ms float64 `json:"steadyPostFilterP99Ms,omitempty"`
+	SteadyPublishP50Ms    float64 `json:"steadyPublishP50Ms,omitempty"`
+	SteadyPublishP99Ms    float64 `json:"steadyPublishP99Ms,omitempty"`
 	// SchedulerPeakRSSMiB is the scheduler process's peak resident memory (VmHWM).
 	SchedulerPeakRSSMiB float64 `json:"schedulerPeakRSSMiB"`
 	// APIRequestsPerPod is the scheduler's API requests during the burst
@@ -255,7 +261,7 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 		if err != nil {
 			return nil, err
 		}
-		res.SteadyPlans, res.SteadyPostFilterP50Ms, res.SteadyPostFilterP99Ms = plans(after, end)
+		res.SteadyPlans, res.SteadyPostFilterP50Ms, res.SteadyPostFilterP99Ms, res.SteadyPublishP50Ms, res.SteadyPublishP99Ms = plans(after, end)
 		pods = append(pods, steady...)
 	}
 	res.SchedulerPeakRSSMiB = sched.peakRSS()
@@ -367,7 +373,7 @@ func unschedulableReason(p *v1.Pod) string {
 // measure fills the plan count, PostFilter quantiles and API requests from
 // the scheduler's metrics before and after the burst.
 func (r *ScaleResult) measure(before, after map[string]*dto.MetricFamily) {
-	r.Plans, r.PostFilterP50Ms, r.PostFilterP99Ms = plans(before, after)
+	r.Plans, r.PostFilterP50Ms, r.PostFilterP99Ms, r.PublishP50Ms, r.PublishP99Ms = plans(before, after)
 	if r.Pods > 0 {
 		r.PlansPerPod = float64(r.Plans) / float64(r.Pods)
 	}
@@ -376,12 +382,13 @@ func (r *ScaleResult) measure(before, after map[string]*dto.MetricFamily) {
 	}
 }
 
-// plans is how many plans DynamicMIG made between two scrapes and their
-// PostFilter p50 and p99 in milliseconds.
-func plans(before, after map[string]*dto.MetricFamily) (n int, p50, p99 float64) {
+// plans is how many plans DynamicMIG made between two scrapes, their
+// PostFilter p50 and p99, and those of the specs' writes, in milliseconds.
+func plans(before, after map[string]*dto.MetricFamily) (n int, p50, p99, publishP50, publishP99 float64) {
 	n = int(counterSum(after, "dynamig_scheduler_plans_total") - counterSum(before, "dynamig_scheduler_plans_total"))
 	h := histogramDelta(before["dynamig_scheduler_plan_duration_seconds"], after["dynamig_scheduler_plan_duration_seconds"])
-	return n, 1000 * h.quantile(0.5), 1000 * h.quantile(0.99)
+	w := histogramDelta(before["dynamig_scheduler_plan_publish_duration_seconds"], after["dynamig_scheduler_plan_publish_duration_seconds"])
+	return n, 1000 * h.quantile(0.5), 1000 * h.quantile(0.99), 1000 * w.quantile(0.5), 1000 * w.quantile(0.99)
 }
 
 // throughput binds CPUPods pending non-GPU pods Pairs times with the
@@ -633,9 +640,11 @@ func PrintScale(w io.Writer, r *ScaleResult) {
 	row("pod eligible only on the last node served", fmt.Sprint(r.LastNodeServed))
 	row("plans (per burst pod)", fmt.Sprintf("%d (%.2f)", r.Plans, r.PlansPerPod))
 	row("PostFilter plan p50 / p99 (histogram)", fmt.Sprintf("%.1f ms / %.1f ms", r.PostFilterP50Ms, r.PostFilterP99Ms))
+	row("  of which writing specs, p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.PublishP50Ms, r.PublishP99Ms))
 	if r.SteadyPlans > 0 {
 		row("steady phase: plans", fmt.Sprint(r.SteadyPlans))
 		row("steady phase: PostFilter p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPostFilterP50Ms, r.SteadyPostFilterP99Ms))
+		row("  of which writing specs, p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPublishP50Ms, r.SteadyPublishP99Ms))
 	}
 	row("scheduler peak RSS", fmt.Sprintf("%.0f MiB", r.SchedulerPeakRSSMiB))
 	row("scheduler API requests per bound MIG pod", fmt.Sprintf("%.1f", r.APIRequestsPerPod))

@@ -55,7 +55,9 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 	}
 	planID := p.newPlanID()
 	logger = klog.LoggerWithValues(logger, "plan", planID)
+	published := p.now()
 	created, err := p.publish(klog.NewContext(ctx, logger), planID, plan, views)
+	publishDuration.Observe(p.now().Sub(published).Seconds())
 	if apierrors.IsConflict(err) {
 		plansTotal.WithLabelValues(resultConflict).Inc()
 		logger.V(2).Info("NodePartition changed while planning; the pod will be planned again", "pod", klog.KObj(pod), "err", err)
