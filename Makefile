@@ -111,9 +111,11 @@ soak: control-plane ## Randomized soak on the local cluster: RUNS scenarios (def
 
 SCALE_NODES ?= 5000
 SCALE_PODS ?= 1000
+SCALE_STEADY_PODS ?= 1300
+SCALE_STEADY_RATE ?= 5
 .PHONY: scale
-scale: control-plane ## Scale run: SCALE_NODES (default 5000) light nodes × 8 GPUs on real etcd and kube-apiserver, the dynamig-scheduler binary with the shipped configuration; a burst of SCALE_PODS MIG pods, PostFilter latency, RSS, API requests per pod, non-GPU throughput in 5 paired runs (docs/benchmarks.md; a 300-node version runs in make test).
-	$(GO) run ./cmd/dynamig-local --scale --scale-nodes $(SCALE_NODES) --scale-pods $(SCALE_PODS)
+scale: control-plane ## Scale run: SCALE_NODES (default 5000) light nodes × 8 GPUs on real etcd and kube-apiserver, the dynamig-scheduler binary with the shipped configuration; a burst of SCALE_PODS MIG pods, then SCALE_STEADY_PODS one by one (SCALE_STEADY_RATE a second) for PostFilter latency over as many plans, RSS, API requests per pod, non-GPU throughput in 5 paired runs (docs/benchmarks.md; a 300-node version runs in make test).
+	$(GO) run ./cmd/dynamig-local --scale --scale-nodes $(SCALE_NODES) --scale-pods $(SCALE_PODS) --scale-steady-pods $(SCALE_STEADY_PODS) --scale-steady-rate $(SCALE_STEADY_RATE)
 
 .PHONY: demo
 demo: ## Run the seed on a local cluster: real API server, scheduler and agents on simulated GPUs (SCENARIO=file for another).

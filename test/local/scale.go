@@ -43,11 +43,13 @@ type ScaleOptions struct {
 	// ApplyDelay is how long the node model takes to apply a new spec
 	// (0: at once, instant hardware).
 	ApplyDelay time.Duration
-	// SteadyRate, if not 0, adds a steady phase after the burst: Pods more
-	// MIG pods, each asking for a whole GPU as one slice (7g.80gb),
-	// created SteadyRate a second, so that each gets a plan of its own
-	// (PostFilter latency over about as many plans as pods).
+	// SteadyRate, if not 0, adds a steady phase after the burst:
+	// SteadyPods more MIG pods (0: as many as Pods), each asking for a
+	// whole GPU as one slice (7g.80gb), created SteadyRate a second, so
+	// that each gets a plan of its own (PostFilter latency over about as
+	// many plans as pods).
 	SteadyRate float64
+	SteadyPods int
 	// Dir keeps the cluster's files and logs (use a new one); a temporary
 	// directory, removed at the end, if empty.
 	Dir string
@@ -81,13 +83,17 @@ type ScaleResult struct {
 	PublishP50Ms    float64 `json:"publishP50Ms"`
 	PublishP99Ms    float64 `json:"publishP99Ms"`
 	// SteadyPlans and the SteadyPostFilter quantiles are those of the
-	// steady phase (SteadyRate): as many more pods, created one by one,
-	// each needing a new layout.
+	// steady phase (SteadyRate): SteadyPods more pods, created one by
+	// one, each needing a new layout.
 	SteadyPlans           int     `json:"steadyPlans,omitempty"`
 	SteadyPostFilterP50Ms float64 `json:"steadyPostFilterP50Ms,omitempty"`
 	SteadyPostFilterP99Ms float64 `json:"steadyPostFilterP99Ms,omitempty"`
 	SteadyPublishP50Ms    float64 `json:"steadyPublishP50Ms,omitempty"`
 	SteadyPublishP99Ms    float64 `json:"steadyPublishP99Ms,omitempty"`
+	// SteadyThrottleP99Ms is the p99 of the time the scheduler's requests
+	// waited for its client's rate limiter in the steady phase
+	// (rest_client_rate_limiter_duration_seconds, every verb).
+	SteadyThrottleP99Ms float64 `json:"steadyThrottleP99Ms,omitempty"`
 	// SchedulerPeakRSSMiB is the scheduler process's peak resident memory (VmHWM).
 	SchedulerPeakRSSMiB float64 `json:"schedulerPeakRSSMiB"`
 	// APIRequestsPerPod is the scheduler's API requests during the burst
@@ -243,12 +249,15 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 		return nil, err
 	}
 	res.measure(before, after)
-	if o.SteadyRate > 0 && o.Pods > 0 {
+	if o.SteadyPods == 0 {
+		o.SteadyPods = o.Pods
+	}
+	if o.SteadyRate > 0 && o.SteadyPods > 0 {
 		// Pods that ask for a whole GPU as one slice (7g.80gb, which both
 		// models offer), one by one: no free slice serves one, so each
 		// gets a plan of its own — PostFilter over as many plans as pods.
 		var steady []*v1.Pod
-		for i := range o.Pods {
+		for i := range o.SteadyPods {
 			p := Pod(fmt.Sprintf("steady-%05d", i), map[string]int64{"nvidia.com/mig-7g.80gb": 1})
 			p.Namespace = "scale"
 			steady = append(steady, p)
@@ -262,6 +271,8 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 			return nil, err
 		}
 		res.SteadyPlans, res.SteadyPostFilterP50Ms, res.SteadyPostFilterP99Ms, res.SteadyPublishP50Ms, res.SteadyPublishP99Ms = plans(after, end)
+		throttle := histogramDelta(after["rest_client_rate_limiter_duration_seconds"], end["rest_client_rate_limiter_duration_seconds"])
+		res.SteadyThrottleP99Ms = 1000 * throttle.quantile(0.99)
 		pods = append(pods, steady...)
 	}
 	res.SchedulerPeakRSSMiB = sched.peakRSS()
@@ -581,18 +592,24 @@ type histogram struct {
 	counts []float64
 }
 
-// histogramDelta is after's first series minus before's.
+// histogramDelta is after's series, added up (they share their buckets),
+// minus before's.
 func histogramDelta(before, after *dto.MetricFamily) histogram {
 	var h histogram
-	if after == nil || len(after.GetMetric()) == 0 {
-		return h
-	}
-	h.bounds, h.counts = buckets(after.GetMetric()[0].GetHistogram())
-	if before != nil && len(before.GetMetric()) > 0 {
-		_, counts := buckets(before.GetMetric()[0].GetHistogram())
-		for i := range counts {
-			h.counts[i] -= counts[i]
+	add := func(f *dto.MetricFamily, sign float64) {
+		for _, m := range f.GetMetric() {
+			bounds, counts := buckets(m.GetHistogram())
+			if h.bounds == nil {
+				h.bounds, h.counts = bounds, make([]float64, len(counts))
+			}
+			for i := range min(len(counts), len(h.counts)) {
+				h.counts[i] += sign * counts[i]
+			}
 		}
+	}
+	add(after, 1)
+	if h.bounds != nil {
+		add(before, -1)
 	}
 	return h
 }
@@ -645,6 +662,7 @@ func PrintScale(w io.Writer, r *ScaleResult) {
 		row("steady phase: plans", fmt.Sprint(r.SteadyPlans))
 		row("steady phase: PostFilter p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPostFilterP50Ms, r.SteadyPostFilterP99Ms))
 		row("  of which writing specs, p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPublishP50Ms, r.SteadyPublishP99Ms))
+		row("steady phase: API client rate-limiter wait p99", fmt.Sprintf("%.1f ms", r.SteadyThrottleP99Ms))
 	}
 	row("scheduler peak RSS", fmt.Sprintf("%.0f MiB", r.SchedulerPeakRSSMiB))
 	row("scheduler API requests per bound MIG pod", fmt.Sprintf("%.1f", r.APIRequestsPerPod))
