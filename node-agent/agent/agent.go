@@ -61,7 +61,7 @@ type Config struct {
 	DevicePluginNamespace string
 	DevicePluginSelector  string
 	// DevicePluginTimeout bounds the wait for the new device-plugin pod and
-	// for Node allocatable to show the slices.
+	// for kubelet to be able to allocate the slices.
 	DevicePluginTimeout time.Duration
 	// ResyncPeriod is how often the agent observes the GPUs without an
 	// event, so that used/free in the status follows pods.

@@ -173,7 +173,7 @@ func (a *Agent) readvertise(ctx context.Context, obs *observation) error {
 		logger.V(2).Info("deleted the device-plugin pod so that it re-advertises", "pod", klog.KObj(&p))
 	}
 	if len(a.replaced) == 0 {
-		logger.Info("no device-plugin pod on this node; waiting for Node allocatable only", "namespace", a.cfg.DevicePluginNamespace, "selector", a.cfg.DevicePluginSelector)
+		logger.Info("no device-plugin pod on this node; waiting only for kubelet to be able to allocate the slices", "namespace", a.cfg.DevicePluginNamespace, "selector", a.cfg.DevicePluginSelector)
 	}
 	missing := ""
 	var confirmed map[string][]string
@@ -194,6 +194,11 @@ func (a *Agent) readvertise(ctx context.Context, obs *observation) error {
 		return missing == "", nil
 	})
 	if err != nil {
+		// What kubelet could allocate before the restart is no longer
+		// so, and what it lists now is not what it should: the status
+		// marks no slice advertised, so that the scheduler binds nothing
+		// to the node until a re-advertisement is confirmed.
+		obs.allocatable = nil
 		return fmt.Errorf("the device plugin (%s, %s) did not re-advertise the slices within %s: %s", a.cfg.DevicePluginNamespace, a.cfg.DevicePluginSelector, a.cfg.DevicePluginTimeout, missing)
 	}
 	obs.allocatable = confirmed

@@ -139,6 +139,7 @@ func (a *Agent) advertiseOwn(ctx context.Context, obs *observation) error {
 		return missing == "", nil
 	})
 	if err != nil {
+		obs.allocatable = nil // unconfirmed: no slice is reported advertised (see readvertise)
 		return fmt.Errorf("kubelet did not take the agent's device list within %s: %s", a.cfg.DevicePluginTimeout, missing)
 	}
 	obs.allocatable = confirmed

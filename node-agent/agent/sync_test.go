@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubefake "k8s.io/client-go/kubernetes/fake"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -623,6 +624,26 @@ func TestStatusSaysWhichSlicesKubeletCanAllocate(t *testing.T) {
 		advertised[s.Profile] = s.Advertised
 	}
 	assert.Equal(t, map[string]bool{"1g.10gb": false, "3g.40gb": true}, advertised)
+}
+
+// Restart mode: the scheduler binds on the slices the status marks
+// advertised. When the restarted plugin does not re-advertise them in
+// time, none is marked — not even those kubelet could allocate before the
+// restart, which it holds unhealthy now — so that nothing is bound to the
+// node until a re-advertisement is confirmed.
+func TestFailedReadvertisementAdvertisesNothing(t *testing.T) {
+	o := a100(t, 0, have("1g.10gb", 0, ""))
+	before := map[string][]string{"nvidia.com/mig-1g.10gb": {"MIG-1g.10gb"}}
+	a := &Agent{kube: kubefake.NewClientset(), kubelet: fakeKubelet{devices: podresources.Devices{Allocatable: map[string][]string{}}},
+		cfg: Config{NodeName: "node-a", DevicePluginNamespace: "gpu-operator", DevicePluginSelector: "app=nvidia-device-plugin-daemonset", DevicePluginTimeout: 200 * time.Millisecond}}
+	_, ctx := ktesting.NewTestContext(t)
+	obs := &observation{gpus: []Observed{o}, allocatable: before}
+	err := a.readvertise(ctx, obs)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "did not re-advertise the slices within 200ms: kubelet cannot allocate [nvidia.com/mig-1g.10gb MIG-1g.10gb]")
+	gpus, _ := gpuStatuses(&v1.Node{}, obs.gpus, obs.allocatable)
+	require.Len(t, gpus, 1)
+	assert.False(t, gpus[0].Slices[0].Advertised, "not advertised after a failed re-advertisement")
 }
 
 // A sync that reported mid-plan (progress) compares its final status with
