@@ -157,14 +157,15 @@ func unhealthy(node *v1.Node, part *partition.Node, r v1.ResourceName, allocatab
 }
 
 // postedBefore reports whether kubelet's last node status (its Ready
-// heartbeat, written with every status it posts) predates t.
+// heartbeat, written with every status it posts) predates t; false when
+// either is unknown.
 func postedBefore(node *v1.Node, t time.Time) bool {
 	if t.IsZero() {
 		return false
 	}
 	for _, c := range node.Status.Conditions {
 		if c.Type == v1.NodeReady {
-			return c.LastHeartbeatTime.Time.Before(t)
+			return !c.LastHeartbeatTime.IsZero() && c.LastHeartbeatTime.Time.Before(t)
 		}
 	}
 	return false

@@ -425,6 +425,8 @@ func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
 	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "posted in the second the restart ended: it counts")
 	posted(ended.Add(time.Minute))
 	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "posted after the restart ended: the plugin went since (the agent crashed)")
+	posted(time.Time{})
+	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "no heartbeat known: it counts")
 	np.Status.Conditions = nil
 	posted(ended.Add(-time.Second))
 	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "no restart known: it counts")
