@@ -224,10 +224,11 @@ func allocatable(t *testing.T, c *cluster, node string) map[string]int64 {
 	return out
 }
 
-// waitAllocatable waits for the node's MIG allocatable to be want.
+// waitAllocatable waits for the node's MIG allocatable to be want: up to
+// two of the stand-in kubelet's 10 s status ticks.
 func (c *cluster) waitAllocatable(t *testing.T, node string, want map[string]int64) {
 	t.Helper()
-	waitFor(t, 10*time.Second, "Node allocatable "+fmt.Sprint(want), func() (bool, error) {
+	waitFor(t, 2*nodesim.DefaultStatusUpdatePeriod+5*time.Second, "Node allocatable "+fmt.Sprint(want), func() (bool, error) {
 		return maps.Equal(allocatable(t, c, node), want), nil
 	})
 }
@@ -465,14 +466,14 @@ func TestNodeAgent(t *testing.T) {
 	})
 
 	t.Run("a device plugin slower than the timeout is waited for, not restarted again", func(t *testing.T) {
-		n := c.simNodeWith(t, nodesim.Options{Name: "slowplugin", Models: []string{"A30"}, RegisterDelay: 2 * time.Second, StatusUpdatePeriod: -1})
+		n := c.simNodeWith(t, nodesim.Options{Name: "slowplugin", Models: []string{"A30"}, RegisterDelay: 2 * time.Second})
 		c.startRealAgent(t, n, time.Second)
 		c.waitReported(t, "slowplugin")
 		before := n.Restarts()
 		c.publish(t, "slowplugin", "p-1", map[int32][]string{0: {"2g.12gb@0", "1g.6gb@2", "1g.6gb@3"}})
-		c.waitApplied(t, "slowplugin", "p-1")
+		np := c.waitApplied(t, "slowplugin", "p-1")
 		assert.Equal(t, 1, n.Restarts()-before, "the agent restarts the plugin once per change, however long it takes to come up")
-		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, allocatable(t, c, "slowplugin"))
+		assert.Equal(t, map[string]int64{"nvidia.com/mig-1g.6gb": 2, "nvidia.com/mig-2g.12gb": 1}, partition.Decode(np).Advertised)
 	})
 
 	t.Run("the seed end to end: scheduler, agent, device plugin, kubelet", func(t *testing.T) {

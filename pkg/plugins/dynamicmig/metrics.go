@@ -18,6 +18,9 @@ const (
 	resultFilterFail = "filter_fail" // the planned node failed the pod's filters
 )
 
+// planBuckets bound a plan's durations, from a millisecond to seconds.
+var planBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}
+
 var (
 	plansTotal = metrics.NewCounterVec(&metrics.CounterOpts{
 		Subsystem:      metricsSubsystem,
@@ -29,14 +32,14 @@ var (
 		Subsystem:      metricsSubsystem,
 		Name:           "plan_duration_seconds",
 		Help:           "Time PostFilter takes for a plan: snapshot, planning, and writing the specs it changes.",
-		Buckets:        []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5},
+		Buckets:        planBuckets,
 		StabilityLevel: metrics.ALPHA,
 	})
 	publishDuration = metrics.NewHistogram(&metrics.HistogramOpts{
 		Subsystem:      metricsSubsystem,
 		Name:           "plan_publish_duration_seconds",
 		Help:           "Time PostFilter spends writing a plan's NodePartition specs to the API server (part of plan_duration_seconds).",
-		Buckets:        []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5},
+		Buckets:        planBuckets,
 		StabilityLevel: metrics.ALPHA,
 	})
 	podsWaiting = metrics.NewGauge(&metrics.GaugeOpts{

@@ -233,9 +233,7 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 		key, keyed := filterKey(other)
 		if nodes, ok := alike[key]; keyed && ok {
 			if nodes != nil {
-				pp := newPlannerPod(other, od)
-				pp.Nodes = nodes
-				snap.Pods = append(snap.Pods, pp)
+				snap.Pods = append(snap.Pods, newPlannerPod(other, od, nodes))
 			}
 			continue
 		}
@@ -276,8 +274,7 @@ func podKey(pod *v1.Pod) string { return pod.Namespace + "/" + pod.Name }
 // plannerPod is a pod as the planner sees it, with the nodes whose filters
 // (other than MIG capacity) accept it.
 func (p *DynamicMIG) plannerPod(ctx context.Context, state fwk.CycleState, pod *v1.Pod, d demand.Demand, views map[string]*view, names []string) planner.Pod {
-	pp := newPlannerPod(pod, d)
-	pp.Nodes = []string{}
+	pp := newPlannerPod(pod, d, []string{})
 	for _, name := range names {
 		if p.h.RunFilterPluginsWithNominatedPods(ctx, state, pod, views[name].open).IsSuccess() {
 			pp.Nodes = append(pp.Nodes, name)
@@ -286,9 +283,9 @@ func (p *DynamicMIG) plannerPod(ctx context.Context, state fwk.CycleState, pod *
 	return pp
 }
 
-// newPlannerPod is the pod as the planner sees it, its nodes not set.
-func newPlannerPod(pod *v1.Pod, d demand.Demand) planner.Pod {
-	return planner.Pod{Name: podKey(pod), Requests: d, Created: pod.CreationTimestamp.Time, Priority: priority(pod)}
+// newPlannerPod is the pod as the planner sees it, on these nodes.
+func newPlannerPod(pod *v1.Pod, d demand.Demand, nodes []string) planner.Pod {
+	return planner.Pod{Name: podKey(pod), Requests: d, Created: pod.CreationTimestamp.Time, Priority: priority(pod), Nodes: nodes}
 }
 
 // otherPending lists the other pending pods of this profile that ask for
