@@ -43,7 +43,8 @@ import (
 )
 
 // fakePartitions is a partitionStore in memory. It records every spec
-// written; NextErr, when set, fails the next write.
+// written; NextErr, when set, fails the next write. A write ends before
+// writeSpec returns.
 type fakePartitions struct {
 	mu      sync.Mutex
 	objects map[string]*v1alpha1.NodePartition
@@ -62,16 +63,16 @@ func (f *fakePartitions) get(node string) *partition.Node {
 	return nil
 }
 
-func (f *fakePartitions) updateSpec(_ context.Context, np *v1alpha1.NodePartition) error {
+func (f *fakePartitions) writeSpec(_ klog.Logger, np *v1alpha1.NodePartition, done func(err error, shown, now *partition.Node)) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	if err := f.NextErr; err != nil {
-		f.NextErr = nil
-		return err
+	err := f.NextErr
+	f.NextErr = nil
+	if err == nil {
+		f.objects[np.Name] = np.DeepCopy()
+		f.written = append(f.written, np.DeepCopy())
 	}
-	f.objects[np.Name] = np.DeepCopy()
-	f.written = append(f.written, np.DeepCopy())
-	return nil
+	f.mu.Unlock()
+	done(err, partition.Decode(np.DeepCopy()), f.get(np.Name))
 }
 
 // testFramework is a scheduler framework with DynamicMIG (PreFilter,
@@ -225,12 +226,13 @@ func TestPostFilterConflictPlansAgain(t *testing.T) {
 
 	result, st := schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
-	assert.Contains(t, st.Message(), "planning again")
-	assert.Nil(t, result)
+	assert.Equal(t, "n1", result.NominatedNodeName)
+	assert.Empty(t, parts.written, "the write conflicted")
 	assert.Equal(t, []string{pod.Namespace + "/" + pod.Name}, activated.pods, "retried at once, not after the unschedulable timeout")
 	result, st = schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Equal(t, "n1", result.NominatedNodeName)
+	assert.Contains(t, st.Message(), "creates 3g.40gb on n1", "planned again: the failed plan left nothing behind")
 	assert.Len(t, parts.written, 1)
 }
 

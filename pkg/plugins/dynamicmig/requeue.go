@@ -123,10 +123,7 @@ func grew(old, n map[string]int64) bool {
 }
 
 // partitionChanged activates the pending pods a NodePartition change can
-// help: those nominated to the node, and those asking for a profile the
-// change makes available there — free slices of it after a plan is
-// applied; any profile the node's GPUs offer when slices are freed or the
-// GPUs first reported (a new layout may serve it).
+// help (activate).
 func (p *DynamicMIG) partitionChanged(logger klog.Logger, old, n *partition.Node) {
 	why := capacityChange(old, n)
 	if why == "" {
@@ -135,13 +132,24 @@ func (p *DynamicMIG) partitionChanged(logger klog.Logger, old, n *partition.Node
 	if why == planApplied && !n.PlanTime.IsZero() {
 		planToApplied.Observe(time.Since(n.PlanTime).Seconds())
 	}
-	pods := map[string]*v1.Pod{}
-	for _, pi := range p.h.NominatedPodsForNode(n.Object.Name) {
+	p.activate(logger, n.Object.Name, why, available(why, n), nil)
+}
+
+// activate activates pods, the pending MIG pods nominated to the node,
+// and those asking for a profile in profs: those a change of the node's
+// NodePartition, for the reason why, can help — free slices of a profile
+// after a plan is applied; any profile the node's GPUs offer when slices
+// are freed or the GPUs first reported (a new layout may serve it).
+func (p *DynamicMIG) activate(logger klog.Logger, node, why string, profs map[mig.ProfileName]bool, pods map[string]*v1.Pod) {
+	if pods == nil {
+		pods = map[string]*v1.Pod{}
+	}
+	for _, pi := range p.h.NominatedPodsForNode(node) {
 		if pod := pi.GetPod(); demand.AsksForMIG(pod) {
 			pods[pod.Namespace+"/"+pod.Name] = pod
 		}
 	}
-	for prof := range available(why, n) {
+	for prof := range profs {
 		for _, pod := range p.pending.asking(p.h.ProfileName(), prof) {
 			pods[pod.Namespace+"/"+pod.Name] = pod
 		}
@@ -149,7 +157,7 @@ func (p *DynamicMIG) partitionChanged(logger klog.Logger, old, n *partition.Node
 	if len(pods) == 0 {
 		return
 	}
-	logger.V(5).Info("NodePartition change may serve pending pods; activating them", "node", n.Object.Name, "why", why, "pods", len(pods))
+	logger.V(5).Info("NodePartition change may serve pending pods; activating them", "node", node, "why", why, "pods", len(pods))
 	p.h.Activate(logger, pods)
 }
 
