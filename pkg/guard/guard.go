@@ -25,10 +25,7 @@ const (
 	// KubeletRestart: the scheduler binds no MIG pod to a node from when
 	// its kubelet goes until a while after it is back.
 	KubeletRestart = "kubelet-restart"
-	// Assumed: the scheduler's Filter sees a plan from the moment
-	// PostFilter publishes it, while its spec is still being written.
-	Assumed = "assumed-plan"
 )
 
 // All lists the guards.
-var All = []string{InFlight, Admission, Recheck, Identity, Refused, KubeletRestart, Assumed}
+var All = []string{InFlight, Admission, Recheck, Identity, Refused, KubeletRestart}

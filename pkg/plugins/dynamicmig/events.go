@@ -12,9 +12,6 @@ const (
 	ReasonWaiting = "MIGWaitingForSlices"
 	// ReasonInvalidRequest: the pod asks for a MIG resource that names no profile.
 	ReasonInvalidRequest = "MIGInvalidRequest"
-	// ReasonPlanNotPublished: writing the pod's plan to a NodePartition
-	// failed with an error other than a conflict; the pod is planned again.
-	ReasonPlanNotPublished = "MIGPlanNotPublished"
 	// ReasonPlanNotApplied, on a Node: its agent has not applied the
 	// published plan within planTimeout; new plans leave the node alone.
 	ReasonPlanNotApplied = "MIGPlanNotApplied"

@@ -43,8 +43,7 @@ import (
 )
 
 // fakePartitions is a partitionStore in memory. It records every spec
-// written; NextErr, when set, fails the next write. A write ends before
-// writeSpec returns.
+// written; NextErr, when set, fails the next write.
 type fakePartitions struct {
 	mu      sync.Mutex
 	objects map[string]*v1alpha1.NodePartition
@@ -63,16 +62,16 @@ func (f *fakePartitions) get(node string) *partition.Node {
 	return nil
 }
 
-func (f *fakePartitions) writeSpec(_ klog.Logger, np *v1alpha1.NodePartition, done func(err error, shown, now *partition.Node)) {
+func (f *fakePartitions) updateSpec(_ context.Context, np *v1alpha1.NodePartition) error {
 	f.mu.Lock()
-	err := f.NextErr
-	f.NextErr = nil
-	if err == nil {
-		f.objects[np.Name] = np.DeepCopy()
-		f.written = append(f.written, np.DeepCopy())
+	defer f.mu.Unlock()
+	if err := f.NextErr; err != nil {
+		f.NextErr = nil
+		return err
 	}
-	f.mu.Unlock()
-	done(err, partition.Decode(np.DeepCopy()), f.get(np.Name))
+	f.objects[np.Name] = np.DeepCopy()
+	f.written = append(f.written, np.DeepCopy())
+	return nil
 }
 
 // testFramework is a scheduler framework with DynamicMIG (PreFilter,
@@ -226,13 +225,12 @@ func TestPostFilterConflictPlansAgain(t *testing.T) {
 
 	result, st := schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
-	assert.Equal(t, "n1", result.NominatedNodeName)
-	assert.Empty(t, parts.written, "the write conflicted")
+	assert.Contains(t, st.Message(), "planning again")
+	assert.Nil(t, result)
 	assert.Equal(t, []string{pod.Namespace + "/" + pod.Name}, activated.pods, "retried at once, not after the unschedulable timeout")
 	result, st = schedule(t, fw, pod, nodes)
 	require.Equal(t, fwk.Unschedulable, st.Code())
 	assert.Equal(t, "n1", result.NominatedNodeName)
-	assert.Contains(t, st.Message(), "creates 3g.40gb on n1", "planned again: the failed plan left nothing behind")
 	assert.Len(t, parts.written, 1)
 }
 

@@ -13,14 +13,9 @@ const metricsSubsystem = "dynamig_scheduler"
 const (
 	resultPlanned    = "planned"     // the pod gets a node; layouts published if they changed
 	resultNoRoom     = "no_room"     // no layout serves the pod now
+	resultConflict   = "conflict"    // a NodePartition changed under the plan; the pod retries
 	resultNotReady   = "not_ready"   // NodePartitions not synced yet
 	resultFilterFail = "filter_fail" // the planned node failed the pod's filters
-)
-
-// Why a plan's write failed, the label of publishFailures.
-const (
-	resultConflict = "conflict" // the NodePartition changed since it was read
-	resultError    = "error"    // any other error
 )
 
 // planBuckets bound a plan's durations, from a millisecond to seconds.
@@ -36,23 +31,17 @@ var (
 	planDuration = metrics.NewHistogram(&metrics.HistogramOpts{
 		Subsystem:      metricsSubsystem,
 		Name:           "plan_duration_seconds",
-		Help:           "Time PostFilter takes for a plan: candidate nodes, snapshot, planning; the specs it changes are written in the background.",
+		Help:           "Time PostFilter takes for a plan: snapshot, planning, and writing the specs it changes.",
 		Buckets:        planBuckets,
 		StabilityLevel: metrics.ALPHA,
 	})
 	publishDuration = metrics.NewHistogram(&metrics.HistogramOpts{
 		Subsystem:      metricsSubsystem,
 		Name:           "plan_publish_duration_seconds",
-		Help:           "Time from the start of a plan's NodePartition spec writes, in the background, to the end of the last (not part of plan_duration_seconds).",
+		Help:           "Time PostFilter spends writing a plan's NodePartition specs to the API server (part of plan_duration_seconds).",
 		Buckets:        planBuckets,
 		StabilityLevel: metrics.ALPHA,
 	})
-	publishFailures = metrics.NewCounterVec(&metrics.CounterOpts{
-		Subsystem:      metricsSubsystem,
-		Name:           "publish_failures_total",
-		Help:           "NodePartition spec writes of plans that failed, by reason; the pods are planned again.",
-		StabilityLevel: metrics.ALPHA,
-	}, []string{"reason"})
 	podsWaiting = metrics.NewGauge(&metrics.GaugeOpts{
 		Subsystem:      metricsSubsystem,
 		Name:           "pods_waiting_for_repartition",
@@ -71,6 +60,6 @@ var (
 
 func registerMetrics() {
 	registerOnce.Do(func() {
-		legacyregistry.MustRegister(plansTotal, planDuration, publishDuration, publishFailures, podsWaiting, planToApplied)
+		legacyregistry.MustRegister(plansTotal, planDuration, publishDuration, podsWaiting, planToApplied)
 	})
 }

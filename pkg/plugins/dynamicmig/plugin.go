@@ -68,12 +68,9 @@ type partitionStore interface {
 	synced() bool
 	// get returns the node's decoded NodePartition, nil if there is none.
 	get(node string) *partition.Node
-	// writeSpec writes the spec in the background with optimistic
-	// concurrency (a Conflict error if the object changed since it was
-	// read); get returns np at once, until the write ends. done is called
-	// when it ends, with the object get returned meanwhile and the one it
-	// returns now (nil while a later write to the node is under way).
-	writeSpec(logger klog.Logger, np *v1alpha1.NodePartition, done func(err error, shown, now *partition.Node))
+	// updateSpec writes the spec with optimistic concurrency (a Conflict
+	// error if the object changed since it was read); the next get sees it.
+	updateSpec(ctx context.Context, np *v1alpha1.NodePartition) error
 }
 
 // New builds the plugin from its arguments (see package config/v1). Bad

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
 	"k8s.io/kubernetes/pkg/scheduler/framework"
@@ -14,7 +15,7 @@ import (
 )
 
 // PostFilter plans for all pending MIG pods of this profile at once and
-// publishes the layouts that change (in the background: publish). The pod is nominated to its planned
+// publishes the layouts that change. The pod is nominated to its planned
 // node and stays Unschedulable until the slices appear on that node.
 func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *v1.Pod, _ fwk.NodeToStatusReader) (*fwk.PostFilterResult, *fwk.Status) {
 	s, err := getState(state)
@@ -54,7 +55,20 @@ func (p *DynamicMIG) PostFilter(ctx context.Context, state fwk.CycleState, pod *
 	}
 	planID := p.newPlanID()
 	logger = klog.LoggerWithValues(logger, "plan", planID)
-	created := p.publish(logger, planID, plan, views, pod)
+	published := p.now()
+	created, err := p.publish(klog.NewContext(ctx, logger), planID, plan, views)
+	publishDuration.Observe(p.now().Sub(published).Seconds())
+	if apierrors.IsConflict(err) {
+		plansTotal.WithLabelValues(resultConflict).Inc()
+		logger.V(2).Info("NodePartition changed while planning; the pod will be planned again", "pod", klog.KObj(pod), "err", err)
+		// No cluster event may follow (an agent's status write is enough to
+		// conflict): retry at once instead of waiting in the unschedulable pool.
+		p.h.Activate(logger, map[string]*v1.Pod{podKey(pod): pod})
+		return nil, fwk.NewStatus(fwk.Unschedulable, "a NodePartition changed while planning; planning again")
+	}
+	if err != nil {
+		return nil, fwk.AsStatus(err)
+	}
 	podsWaiting.Set(float64(waiting(plan, views, created)))
 	plansTotal.WithLabelValues(resultPlanned).Inc()
 	var msg string

@@ -9,7 +9,6 @@ import (
 	"github.com/stretchr/testify/require"
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
-	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
 	"k8s.io/kubernetes/pkg/scheduler/framework"
 
@@ -25,10 +24,9 @@ import (
 // so that every plan of a benchmark starts from the same cluster.
 type decodedPartitions map[string]*partition.Node
 
-func (d decodedPartitions) synced() bool                    { return true }
-func (d decodedPartitions) get(node string) *partition.Node { return d[node] }
-func (d decodedPartitions) writeSpec(klog.Logger, *v1alpha1.NodePartition, func(error, *partition.Node, *partition.Node)) {
-}
+func (d decodedPartitions) synced() bool                                              { return true }
+func (d decodedPartitions) get(node string) *partition.Node                           { return d[node] }
+func (d decodedPartitions) updateSpec(context.Context, *v1alpha1.NodePartition) error { return nil }
 
 // BenchmarkPostFilter times one PostFilter — candidate selection, the
 // snapshot with every pending pod's filters, the plan — on nodes × 8

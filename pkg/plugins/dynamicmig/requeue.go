@@ -123,7 +123,10 @@ func grew(old, n map[string]int64) bool {
 }
 
 // partitionChanged activates the pending pods a NodePartition change can
-// help (activate).
+// help: those nominated to the node, and those asking for a profile the
+// change makes available there — free slices of it after a plan is
+// applied; any profile the node's GPUs offer when slices are freed or the
+// GPUs first reported (a new layout may serve it).
 func (p *DynamicMIG) partitionChanged(logger klog.Logger, old, n *partition.Node) {
 	why := capacityChange(old, n)
 	if why == "" {
@@ -132,24 +135,13 @@ func (p *DynamicMIG) partitionChanged(logger klog.Logger, old, n *partition.Node
 	if why == planApplied && !n.PlanTime.IsZero() {
 		planToApplied.Observe(time.Since(n.PlanTime).Seconds())
 	}
-	p.activate(logger, n.Object.Name, why, available(why, n), nil)
-}
-
-// activate activates pods, the pending MIG pods nominated to the node,
-// and those asking for a profile in profs: those a change of the node's
-// NodePartition, for the reason why, can help — free slices of a profile
-// after a plan is applied; any profile the node's GPUs offer when slices
-// are freed or the GPUs first reported (a new layout may serve it).
-func (p *DynamicMIG) activate(logger klog.Logger, node, why string, profs map[mig.ProfileName]bool, pods map[string]*v1.Pod) {
-	if pods == nil {
-		pods = map[string]*v1.Pod{}
-	}
-	for _, pi := range p.h.NominatedPodsForNode(node) {
+	pods := map[string]*v1.Pod{}
+	for _, pi := range p.h.NominatedPodsForNode(n.Object.Name) {
 		if pod := pi.GetPod(); demand.AsksForMIG(pod) {
 			pods[pod.Namespace+"/"+pod.Name] = pod
 		}
 	}
-	for prof := range profs {
+	for prof := range available(why, n) {
 		for _, pod := range p.pending.asking(p.h.ProfileName(), prof) {
 			pods[pod.Namespace+"/"+pod.Name] = pod
 		}
@@ -157,7 +149,7 @@ func (p *DynamicMIG) activate(logger klog.Logger, node, why string, profs map[mi
 	if len(pods) == 0 {
 		return
 	}
-	logger.V(5).Info("NodePartition change may serve pending pods; activating them", "node", node, "why", why, "pods", len(pods))
+	logger.V(5).Info("NodePartition change may serve pending pods; activating them", "node", n.Object.Name, "why", why, "pods", len(pods))
 	p.h.Activate(logger, pods)
 }
 
