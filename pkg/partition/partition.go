@@ -19,6 +19,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -31,6 +32,16 @@ import (
 // PlanTimeAnnotation records on a NodePartition when the scheduler
 // published its spec (RFC 3339, UTC): the start of the plan's clock.
 const PlanTimeAnnotation = "dynamig.io/plan-time"
+
+// KeepsAnnotation lists, comma-separated, earlier plans whose slices the
+// spec's plan all keeps ("p-1,p-2"): each slice of their spec layouts,
+// and each slice the status reported when the plan was made (Keeps). The
+// plan only adds slices to them.
+const KeepsAnnotation = "dynamig.io/keeps-plans"
+
+// maxKept bounds KeepsAnnotation: the latest plans of a chain of plans
+// that only add slices.
+const maxKept = 4
 
 // Node is a NodePartition decoded: what the scheduler reads of it in
 // Filter, in its requeue decisions and when it plans.
@@ -56,11 +67,15 @@ type Node struct {
 	// may count on before the kubelet's next node-status update shows them.
 	AgentAdvertises bool
 	Advertised      map[string]int64
-	// Applying is true while the agent of a node in agent mode applies the
-	// in-flight plan with its destroys withdrawn from kubelet
-	// (status.applyingPlanID): every slice kubelet can allocate is one the
-	// plan keeps or creates.
+	// Applying is true while every slice kubelet can allocate on a node in
+	// agent mode is one the in-flight plan keeps or creates: the agent
+	// applies the plan with its destroys withdrawn from kubelet
+	// (status.applyingPlanID); or the plan keeps all of a plan in Keeps
+	// that the agent applies so (applyingPlanID), or applied in full and
+	// is done with (observedPlanID, Applied=True, nothing applying).
 	Applying bool
+	// Keeps are the earlier plans the spec's plan keeps (KeepsAnnotation).
+	Keeps []string
 	// GPUs are the GPUs the status reports, in index order.
 	GPUs []GPU
 	// Used counts the slices a container holds.
@@ -131,7 +146,13 @@ func Decode(np *v1alpha1.NodePartition) *Node {
 		}
 	}
 	n.AgentAdvertises = np.Status.DevicePlugin == v1alpha1.DevicePluginAgent
-	n.Applying = n.InFlight && n.AgentAdvertises && np.Status.ApplyingPlanID == np.Spec.PlanID
+	if v := np.Annotations[KeepsAnnotation]; v != "" {
+		n.Keeps = strings.Split(v, ",")
+	}
+	n.Applying = n.InFlight && n.AgentAdvertises && (np.Status.ApplyingPlanID == np.Spec.PlanID || slices.ContainsFunc(n.Keeps, func(plan string) bool {
+		st := &np.Status
+		return st.ApplyingPlanID == plan || st.ApplyingPlanID == "" && st.ObservedPlanID == plan && meta.IsStatusConditionTrue(st.Conditions, v1alpha1.ConditionApplied)
+	}))
 	n.Advertised = map[string]int64{}
 	if t, err := time.Parse(time.RFC3339Nano, np.Annotations[PlanTimeAnnotation]); err == nil {
 		n.PlanTime = t
@@ -237,9 +258,44 @@ func Profiles(ps []v1alpha1.ProfileStatus) ([]mig.Profile, error) {
 	return out, nil
 }
 
+// Keeps reports whether layouts, a plan for n by GPU index, keep every
+// slice n's spec lists and every slice its status reports, on each GPU
+// the planner may change (a GPU layouts does not list keeps its slices).
+func Keeps(n *Node, layouts map[int][]mig.Slice) bool {
+	for i := range n.GPUs {
+		g := &n.GPUs[i]
+		want, ok := layouts[g.Index]
+		if !ok {
+			continue
+		}
+		for _, s := range g.Slices {
+			if !slices.Contains(want, s.Slice) {
+				return false
+			}
+		}
+		for _, s := range g.Desired {
+			if !slices.Contains(want, s) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// KeptBy is what a plan for n that keeps every slice of it (Keeps) keeps:
+// n's plan, and the plans that one keeps, the latest maxKept.
+func KeptBy(n *Node) []string {
+	if n.PlanID == "" {
+		return nil
+	}
+	kept := append(slices.Clone(n.Keeps), n.PlanID)
+	return kept[max(0, len(kept)-maxKept):]
+}
+
 // SetLayouts writes a plan into a NodePartition's spec: its ID, when it was
-// published, and the complete layout of each GPU it lists, by index.
-func SetLayouts(np *v1alpha1.NodePartition, planID string, at time.Time, layouts map[int][]mig.Slice) {
+// published, the complete layout of each GPU it lists, by index, and the
+// earlier plans it keeps (KeepsAnnotation; none: nil).
+func SetLayouts(np *v1alpha1.NodePartition, planID string, at time.Time, layouts map[int][]mig.Slice, keeps []string) {
 	np.Spec.PlanID = planID
 	np.Spec.GPUs = make([]v1alpha1.GPULayout, 0, len(layouts))
 	for _, i := range slices.Sorted(maps.Keys(layouts)) {
@@ -253,6 +309,11 @@ func SetLayouts(np *v1alpha1.NodePartition, planID string, at time.Time, layouts
 		np.Annotations = map[string]string{}
 	}
 	np.Annotations[PlanTimeAnnotation] = at.UTC().Format(time.RFC3339Nano)
+	if len(keeps) > 0 {
+		np.Annotations[KeepsAnnotation] = strings.Join(keeps, ",")
+	} else {
+		delete(np.Annotations, KeepsAnnotation)
+	}
 }
 
 // EncodeGPU is a GPU's status from what the agent observed: its identity,

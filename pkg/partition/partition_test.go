@@ -6,6 +6,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/mig"
@@ -69,7 +70,7 @@ func TestDecodePrefersDiscoveredProfiles(t *testing.T) {
 func TestSetLayoutsAndDesiredLayouts(t *testing.T) {
 	obj := builders.NodePartition(nil, "", "")
 	at := time.Date(2026, 11, 29, 15, 0, 0, 0, time.UTC)
-	SetLayouts(obj, "p-9", at, map[int][]mig.Slice{1: {slice("7g.80gb", 0)}, 0: {}})
+	SetLayouts(obj, "p-9", at, map[int][]mig.Slice{1: {slice("7g.80gb", 0)}, 0: {}}, nil)
 	assert.Equal(t, "p-9", obj.Spec.PlanID)
 	assert.Equal(t, []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{}}, {Index: 1, Slices: []v1alpha1.Slice{{Profile: "7g.80gb"}}}}, obj.Spec.GPUs,
 		"by index; an emptied GPU lists no slices (not null)")
@@ -80,4 +81,69 @@ func TestSetLayoutsAndDesiredLayouts(t *testing.T) {
 	assert.Equal(t, map[int][]mig.Slice{0: {}, 1: {slice("7g.80gb", 0)}}, layouts)
 	require.Len(t, errs, 1)
 	assert.ErrorContains(t, errs[2], `invalid MIG profile "7g"`)
+}
+
+func TestKeeps(t *testing.T) {
+	// In flight: p-2 creates 3g.40gb@4 next to the 3g.40gb@0 that exists.
+	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "3g.40gb", Start: 0}, {Profile: "3g.40gb", Start: 4}}}}
+	n := Decode(builders.NodePartition(spec, "p-2", "p-1", builders.GPU(0, "A100-80GB", builders.Advertised("3g.40gb", 0)), builders.GPU(1, "A100-80GB", builders.Advertised("7g.80gb", 0))))
+	require.NoError(t, n.Err)
+	for _, tc := range []struct {
+		name    string
+		layouts map[int][]mig.Slice
+		want    bool
+	}{
+		{"adds a slice", map[int][]mig.Slice{0: {slice("3g.40gb", 0), slice("3g.40gb", 4)}, 1: {slice("7g.80gb", 0)}}, true},
+		{"a GPU it does not list keeps its slices", map[int][]mig.Slice{0: {slice("3g.40gb", 0), slice("3g.40gb", 4)}}, true},
+		{"drops a slice the spec creates", map[int][]mig.Slice{0: {slice("3g.40gb", 0), slice("2g.20gb", 4)}}, false},
+		{"drops a slice that exists", map[int][]mig.Slice{0: {slice("3g.40gb", 0), slice("3g.40gb", 4)}, 1: {}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, Keeps(n, tc.layouts))
+		})
+	}
+}
+
+func TestDecodeOpensWhatKeepsTheAppliedPlan(t *testing.T) {
+	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "3g.40gb", Start: 0}, {Profile: "3g.40gb", Start: 4}}}}
+	applied := metav1.Condition{Type: v1alpha1.ConditionApplied, Status: metav1.ConditionTrue}
+	refused := metav1.Condition{Type: v1alpha1.ConditionApplied, Status: metav1.ConditionFalse}
+	for _, tc := range []struct {
+		name      string
+		plugin    v1alpha1.DevicePluginMode
+		keeps     string
+		applying  string
+		observed  string
+		condition metav1.Condition
+		want      bool
+	}{
+		{"the agent applies the plan itself", v1alpha1.DevicePluginAgent, "", "p-3", "p-1", refused, true},
+		{"the agent applies a plan it keeps", v1alpha1.DevicePluginAgent, "p-1,p-2", "p-2", "p-1", applied, true},
+		{"the agent applied a plan it keeps", v1alpha1.DevicePluginAgent, "p-1,p-2", "", "p-2", applied, true},
+		{"the agent refused a plan it keeps", v1alpha1.DevicePluginAgent, "p-1,p-2", "", "p-2", refused, false},
+		{"the agent applies another plan", v1alpha1.DevicePluginAgent, "p-2", "p-1", "p-0", applied, false},
+		{"the agent has not withdrawn the destroys of a plan it keeps", v1alpha1.DevicePluginAgent, "p-2", "", "p-1", applied, false},
+		{"keeping nothing", v1alpha1.DevicePluginAgent, "", "p-2", "p-1", applied, false},
+		{"restart mode", v1alpha1.DevicePluginNVIDIA, "p-2", "p-2", "p-1", applied, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			np := builders.NodePartition(spec, "p-3", tc.observed, builders.GPU(0, "A100-80GB", builders.Advertised("3g.40gb", 0)))
+			np.Status.DevicePlugin, np.Status.ApplyingPlanID = tc.plugin, tc.applying
+			np.Status.Conditions = []metav1.Condition{tc.condition}
+			if tc.keeps != "" {
+				np.Annotations = map[string]string{KeepsAnnotation: tc.keeps}
+			}
+			n := Decode(np)
+			require.NoError(t, n.Err)
+			assert.True(t, n.InFlight)
+			assert.Equal(t, tc.want, n.Applying)
+		})
+	}
+}
+
+func TestKeptBy(t *testing.T) {
+	assert.Nil(t, KeptBy(Decode(builders.NodePartition(nil, "", "", builders.GPU(0, "A100-80GB")))), "no plan yet")
+	np := builders.NodePartition(nil, "p-5", "p-1", builders.GPU(0, "A100-80GB"))
+	np.Annotations = map[string]string{KeepsAnnotation: "p-1,p-2,p-3,p-4"}
+	assert.Equal(t, []string{"p-2", "p-3", "p-4", "p-5"}, KeptBy(Decode(np)), "the latest four")
 }

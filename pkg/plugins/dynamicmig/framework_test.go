@@ -519,3 +519,28 @@ func TestPostFilterLeavesPodsNominatedElsewhere(t *testing.T) {
 	require.Len(t, parts.written, 1)
 	assert.Equal(t, []string{"4g.40gb@0"}, builders.SpecLayout(parts.written[0], 0), "no slice for the pod nominated to b")
 }
+
+func TestPublishSaysWhichPlansItKeeps(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		exists v1alpha1.SliceStatus
+		keeps  string
+	}{
+		{"a plan that only adds slices keeps the applied plan", builders.Advertised("3g.40gb", 4), "p-1"},
+		{"a plan that destroys a slice keeps none", builders.Advertised("7g.80gb", 0), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			np := builders.NodePartition([]v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{tc.exists.Slice}}}, "p-1", "p-1", builders.GPU(0, "A100-80GB", tc.exists))
+			np.Name, np.Status.DevicePlugin = "n1", v1alpha1.DevicePluginAgent
+			parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": np}}
+			nodes := []*v1.Node{migNode("n1")}
+			pod := pendingPod("p", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
+			fw, _ := testFramework(t, parts, nodes, pod)
+
+			_, st := schedule(t, fw, pod, nodes)
+			require.Equal(t, fwk.Unschedulable, st.Code(), st.Message())
+			require.Len(t, parts.written, 1)
+			assert.Equal(t, tc.keeps, parts.written[0].Annotations[partition.KeepsAnnotation])
+		})
+	}
+}

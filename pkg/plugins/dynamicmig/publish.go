@@ -56,7 +56,11 @@ func (p *DynamicMIG) publish(ctx context.Context, planID string, plan *planner.P
 			continue
 		}
 		np := v.part.Object.DeepCopy()
-		partition.SetLayouts(np, planID, p.now(), layouts)
+		var keeps []string
+		if v.part.AgentAdvertises && partition.Keeps(v.part, layouts) {
+			keeps = partition.KeptBy(v.part)
+		}
+		partition.SetLayouts(np, planID, p.now(), layouts, keeps)
 		if err := p.partitions.updateSpec(ctx, np); err != nil {
 			return created, err
 		}
