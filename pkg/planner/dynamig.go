@@ -213,6 +213,7 @@ func (w *world) bestNode(ps *podState) int {
 	bestNi, best := -1, option{}
 	consider := func(ni int, o option) {
 		o.gpu, o.start = 0, 0 // across nodes, ties go to the first node
+		o.busy = w.nodes[ni].busy
 		if o.better(best) {
 			bestNi, best = ni, o
 		}

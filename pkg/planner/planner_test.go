@@ -89,6 +89,34 @@ func TestDynamigPlacementKeepsLargeRegions(t *testing.T) {
 	assert.Equal(t, []string{"3g.40gb@4"}, layout(p, 0, 0))
 }
 
+func TestDynamigPrefersNodesNotBusy(t *testing.T) {
+	a100 := model(t, "A100-80GB")
+	for _, tc := range []struct {
+		name    string
+		onBusy  []Slice
+		pod     Pod
+		wantOn  string
+		comment string
+	}{
+		{"an empty GPU elsewhere over one on a busy node", nil, pod("p", "7g.80gb"), "b",
+			"the same placement on a node not applying a plan starts at once"},
+		{"a fuller GPU on a busy node over an empty one elsewhere", []Slice{used("4g.40gb", 0)}, pod("p", "3g.40gb"), "a",
+			"best fit comes first"},
+		{"a single-slice pod with eligible nodes too", nil, Pod{Name: "q", Requests: map[mig.ProfileName]int{mig.MustParseProfile("7g.80gb"): 1}, Nodes: []string{"a", "b"}, Created: time.Unix(0, 0)}, "b",
+			"the scan over eligible nodes breaks ties the same way"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &Snapshot{
+				Nodes: []Node{{Name: "a", GPUs: []GPU{gpu(a100, 0, tc.onBusy...)}, Busy: true}, {Name: "b", GPUs: []GPU{gpu(a100, 0)}}},
+				Pods:  []Pod{tc.pod},
+			}
+			p := plan(t, Dynamig{}, s)
+			require.True(t, p.Pods[0].Served())
+			assert.Equal(t, tc.wantOn, p.Pods[0].Node, tc.comment)
+		})
+	}
+}
+
 func TestDynamigNeverMovesUsedSlices(t *testing.T) {
 	a100 := model(t, "A100-80GB")
 	s := &Snapshot{

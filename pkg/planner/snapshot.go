@@ -36,6 +36,11 @@ type Node struct {
 	// of a profile whose bound demand exceeds its used slices are kept as
 	// they are.
 	Bound map[mig.ProfileName]int
+	// Busy is true while a plan published for the node is still being
+	// applied: slices planned there now wait for its current steps (a
+	// second or so per slice on real GPUs). Among placements that are
+	// otherwise equal, the planner prefers a node that is not busy.
+	Busy bool
 }
 
 // GPU is one GPU and its current slices.

@@ -50,6 +50,7 @@ type nodeState struct {
 	gpus     []*gpuState
 	best     []option // per global profile id, computed on demand
 	have     []bool   // per global profile id: best is current
+	busy     bool     // Node.Busy
 }
 
 type gpuState struct {
@@ -89,14 +90,16 @@ type option struct {
 	gpu   int // position in nodeState.gpus
 	reuse int // position in gpuState.free, or -1 to create
 	start int
-	cost  int // slices destroyed and created
-	loss  int // compute slices stranded by the placement
-	after int // placeable compute left on the GPU (less first: fill fuller GPUs)
-	big   int // largest single profile still placeable (more first)
+	cost  int  // slices destroyed and created
+	loss  int  // compute slices stranded by the placement
+	after int  // placeable compute left on the GPU (less first: fill fuller GPUs)
+	big   int  // largest single profile still placeable (more first)
+	busy  bool // on a node still applying a plan (Node.Busy)
 }
 
 // better orders options: churn, stranding, best fit, large regions kept,
-// then GPU index and highest start for determinism.
+// a node not busy applying a plan, then GPU index and highest start for
+// determinism.
 func (a option) better(b option) bool {
 	switch {
 	case !b.ok:
@@ -111,6 +114,8 @@ func (a option) better(b option) bool {
 		return a.after < b.after
 	case a.big != b.big:
 		return a.big > b.big
+	case a.busy != b.busy:
+		return !a.busy
 	case a.gpu != b.gpu:
 		return a.gpu < b.gpu
 	}
@@ -242,7 +247,7 @@ type modelLocal struct {
 // clipped to their length, so that appending to one copies it.
 func (w *world) buildNode(ni int) *nodeState {
 	n := &w.snap.Nodes[ni]
-	ns := &nodeState{name: n.Name, profiles: len(w.profs), gpus: make([]*gpuState, len(n.GPUs))}
+	ns := &nodeState{name: n.Name, profiles: len(w.profs), gpus: make([]*gpuState, len(n.GPUs)), busy: n.Busy}
 	states := make([]gpuState, len(n.GPUs))
 	total := 0
 	for _, g := range n.GPUs {
@@ -432,6 +437,7 @@ func (n *nodeState) bestOn(id int) option {
 				}
 			}
 		}
+		best.busy = n.busy
 		n.best[id], n.have[id] = best, true
 	}
 	return n.best[id]
@@ -460,7 +466,7 @@ func (n *nodeState) place(id int) (SliceRef, option, bool) {
 
 // clone copies a node's mutable state so that a placement can be tried.
 func (n *nodeState) clone() *nodeState {
-	c := &nodeState{name: n.name, profiles: n.profiles, gpus: make([]*gpuState, len(n.gpus))}
+	c := &nodeState{name: n.name, profiles: n.profiles, gpus: make([]*gpuState, len(n.gpus)), busy: n.busy}
 	states := make([]gpuState, len(n.gpus))
 	for i, g := range n.gpus {
 		cg := &states[i]

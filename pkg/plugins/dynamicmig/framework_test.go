@@ -544,3 +544,23 @@ func TestPublishSaysWhichPlansItKeeps(t *testing.T) {
 		})
 	}
 }
+
+func TestPlannerNodeIsBusyWhileItsAgentApplies(t *testing.T) {
+	spec := []v1alpha1.GPULayout{{Index: 0, Slices: []v1alpha1.Slice{{Profile: "7g.80gb", Start: 0}}}}
+	for _, tc := range []struct {
+		name     string
+		plugin   v1alpha1.DevicePluginMode
+		observed string
+		want     bool
+	}{
+		{"agent mode, plan in flight", v1alpha1.DevicePluginAgent, "p-1", true},
+		{"agent mode, plan applied", v1alpha1.DevicePluginAgent, "p-2", false},
+		{"restart mode, plan in flight: a newer plan shares the restart", v1alpha1.DevicePluginNVIDIA, "p-1", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			np := builders.NodePartition(spec, "p-2", tc.observed, builders.GPU(0, "A100-80GB"))
+			np.Status.DevicePlugin = tc.plugin
+			assert.Equal(t, tc.want, plannerNode(partition.Decode(np)).Busy)
+		})
+	}
+}

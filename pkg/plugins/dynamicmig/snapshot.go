@@ -173,7 +173,9 @@ func roomFor(part *partition.Node, d demand.Demand, offers map[*mig.Model]bool) 
 // GPU with the layout planning starts from (partition.GPU.Start), and no
 // bound demand yet.
 func plannerNode(part *partition.Node) planner.Node {
-	n := planner.Node{Name: part.Object.Name, Bound: map[mig.ProfileName]int{}}
+	// Busy only in agent mode: in restart mode a newer plan for a node
+	// whose plan is in flight shares its device-plugin restart.
+	n := planner.Node{Name: part.Object.Name, Bound: map[mig.ProfileName]int{}, Busy: part.InFlight && part.AgentAdvertises}
 	for i := range part.GPUs {
 		g := &part.GPUs[i]
 		if !g.Plannable() {
