@@ -7,7 +7,7 @@ import "container/heap"
 type nodeHeap []heapEntry
 
 type heapEntry struct {
-	o       option // gpu and start zeroed
+	o       option // gpu and start zeroed, busy set
 	node    int
 	version uint32
 }
@@ -31,7 +31,7 @@ func (h *nodeHeap) Pop() any {
 // entry is node ni's current best option for profile id as a heap entry.
 func (w *world) entry(id, ni int) (heapEntry, bool) {
 	o := w.nodes[ni].bestOn(id)
-	o.gpu, o.start = 0, 0
+	o.gpu, o.start, o.busy = 0, 0, w.nodes[ni].busy
 	return heapEntry{o: o, node: ni, version: w.version[ni]}, o.ok
 }
 

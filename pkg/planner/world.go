@@ -94,7 +94,7 @@ type option struct {
 	loss  int  // compute slices stranded by the placement
 	after int  // placeable compute left on the GPU (less first: fill fuller GPUs)
 	big   int  // largest single profile still placeable (more first)
-	busy  bool // on a node still applying a plan (Node.Busy)
+	busy  bool // on a node still applying a plan (Node.Busy); set where nodes are compared
 }
 
 // better orders options: churn, stranding, best fit, large regions kept,
@@ -437,7 +437,6 @@ func (n *nodeState) bestOn(id int) option {
 				}
 			}
 		}
-		best.busy = n.busy
 		n.best[id], n.have[id] = best, true
 	}
 	return n.best[id]
