@@ -30,7 +30,7 @@ import (
 	"github.com/dynamig/dynamig/node-agent/gpu"
 	"github.com/dynamig/dynamig/node-agent/podresources"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
-	"github.com/dynamig/dynamig/pkg/client"
+	dynamigclient "github.com/dynamig/dynamig/pkg/client"
 	"github.com/dynamig/dynamig/pkg/generated/clientset/versioned"
 	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/generated/informers/externalversions"
@@ -126,7 +126,7 @@ func NewForConfig(restCfg *rest.Config, cfg Config, lib gpu.Lib, kubelet Kubelet
 	if err != nil {
 		return nil, fmt.Errorf("creating the API client: %w", err)
 	}
-	client, err := client.New(restCfg)
+	client, err := dynamigclient.New(restCfg)
 	if err != nil {
 		return nil, err
 	}
@@ -151,7 +151,7 @@ func New(cfg Config, lib gpu.Lib, kube kubernetes.Interface, client versioned.In
 	a.recorder = a.broadcast.NewRecorder(scheme.Scheme, v1.EventSource{Component: "dynamig-agent", Host: cfg.NodeName})
 
 	byName := func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName }
-	npFactory := externalversions.NewSharedInformerFactoryWithOptions(client, 0, externalversions.WithTweakListOptions(byName))
+	npFactory := externalversions.NewSharedInformerFactoryWithOptions(client, 0, externalversions.WithTweakListOptions(byName), externalversions.WithTransform(dynamigclient.TrimManagedFields))
 	npInformer := npFactory.Dynamig().V1alpha1().NodePartitions()
 	nodeFactory := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithTweakListOptions(byName))
 	nodeInformer := nodeFactory.Core().V1().Nodes()

@@ -43,9 +43,10 @@ func report(np *v1alpha1.NodePartition, node *v1.Node, obs *observation, out out
 	var st v1alpha1.NodePartitionStatus
 	var events []event
 	if obs == nil {
-		st.GPUs = np.Status.DeepCopy().GPUs
+		last := np.Status.DeepCopy()
+		st.GPUs, st.Models = last.GPUs, last.Models
 	} else {
-		st.GPUs, events = gpuStatuses(node, obs.gpus, obs.allocatable)
+		events = setGPUs(&st, node, obs.gpus, obs.allocatable)
 	}
 	events = append(events, conditions(np, &st, out, now)...)
 	// No restart of the agent's is under way once a sync reports; the
@@ -72,7 +73,7 @@ func (a *Agent) progress(ctx context.Context, np *v1alpha1.NodePartition, node *
 	}
 	if err == nil {
 		st := a.latest(np).Status.DeepCopy()
-		st.GPUs, _ = gpuStatuses(node, obs.gpus, obs.allocatable)
+		_ = setGPUs(st, node, obs.gpus, obs.allocatable)
 		st.ApplyingPlanID = np.Spec.PlanID
 		err = a.writeStatus(ctx, np, *st)
 	}
@@ -95,12 +96,13 @@ func (a *Agent) markRestarting(ctx context.Context, np *v1alpha1.NodePartition) 
 	return a.writeStatus(ctx, np, *st)
 }
 
-// gpuStatuses reports the GPUs as observed: identity, model name, MIG
-// mode, the profiles NVML offers (which the scheduler plans with) and the
-// slices with whether a pod uses them and whether kubelet can allocate
-// them (allocatable: device IDs per resource); and, for a GPU with MIG
-// off, a Warning event on the Node saying how to enable it.
-func gpuStatuses(node *v1.Node, observed []Observed, allocatable map[string][]string) ([]v1alpha1.GPUStatus, []event) {
+// setGPUs reports the GPUs as observed in st: identity, model name, MIG
+// mode, the profiles NVML offers (which the scheduler plans with; once
+// per model, partition.ShareProfiles) and the slices with whether a pod
+// uses them and whether kubelet can allocate them (allocatable: device
+// IDs per resource). It returns, for a GPU with MIG off, a Warning event
+// on the Node saying how to enable it.
+func setGPUs(st *v1alpha1.NodePartitionStatus, node *v1.Node, observed []Observed, allocatable map[string][]string) []event {
 	var gpus []v1alpha1.GPUStatus
 	var events []event
 	for _, o := range observed {
@@ -116,7 +118,8 @@ func gpuStatuses(node *v1.Node, observed []Observed, allocatable map[string][]st
 				kind: v1.EventTypeWarning, reason: ReasonMIGDisabled, message: migDisabled(o.GPU)})
 		}
 	}
-	return gpus, events
+	st.GPUs, st.Models = gpus, partition.ShareProfiles(gpus)
+	return events
 }
 
 func migMode(m gpu.MIGMode) v1alpha1.MIGMode {

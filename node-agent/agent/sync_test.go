@@ -158,9 +158,10 @@ func TestReport(t *testing.T) {
 	on.Profiles = on.Profiles[:1]
 	off := Observed{GPU: gpu.GPU{Index: 1, UUID: "GPU-off", Name: "NVIDIA A100-SXM4-80GB", PCIDeviceID: 0x20B210DE}}
 	observed := &observation{gpus: []Observed{on, off}}
+	models := []v1alpha1.ModelStatus{{Name: "A100-80GB", // once, though both GPUs are A100s
+		Profiles: []v1alpha1.ProfileStatus{{Name: "1g.10gb", MemorySlices: 1, MaxCount: 7, Starts: []int32{0, 1, 2, 3, 4, 5, 6}}}}}
 	gpus := []v1alpha1.GPUStatus{{
 		Index: 0, UUID: "GPU-a100", Model: "A100-80GB", MIGMode: v1alpha1.MIGEnabled,
-		Profiles: []v1alpha1.ProfileStatus{{Name: "1g.10gb", MemorySlices: 1, MaxCount: 7, Starts: []int32{0, 1, 2, 3, 4, 5, 6}}},
 		Slices: []v1alpha1.SliceStatus{
 			{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 0}, UUID: "MIG-1g.10gb", Used: true},
 			{Slice: v1alpha1.Slice{Profile: "1g.10gb", Start: 1}, UUID: "MIG-1g.10gb"},
@@ -172,7 +173,7 @@ func TestReport(t *testing.T) {
 		return metav1.Condition{Type: kind, Status: status, Reason: reason, Message: msg, ObservedGeneration: 3, LastTransitionTime: at}
 	}
 	withStatus := func(np *v1alpha1.NodePartition, observedPlan string, conds ...metav1.Condition) *v1alpha1.NodePartition {
-		np.Status = v1alpha1.NodePartitionStatus{ObservedPlanID: observedPlan, GPUs: gpus[:1], Conditions: conds}
+		np.Status = v1alpha1.NodePartitionStatus{ObservedPlanID: observedPlan, GPUs: gpus[:1], Models: models, Conditions: conds}
 		return np
 	}
 	create := Step{Create, 0, sl("1g.10gb", 1)}
@@ -190,7 +191,7 @@ func TestReport(t *testing.T) {
 		name: "no plan: reports what exists; MIG off is a Node event",
 		np:   spec(""),
 		obs:  observed,
-		status: v1alpha1.NodePartitionStatus{ObservedGeneration: 3, GPUs: gpus, Conditions: []metav1.Condition{
+		status: v1alpha1.NodePartitionStatus{ObservedGeneration: 3, GPUs: gpus, Models: models, Conditions: []metav1.Condition{
 			cond(v1alpha1.ConditionApplied, metav1.ConditionTrue, ReasonNoPlan, "no plan yet; the status reports what exists", now),
 			cond(v1alpha1.ConditionFailed, metav1.ConditionFalse, ReasonNoPlan, "", now),
 		}},
@@ -201,7 +202,7 @@ func TestReport(t *testing.T) {
 			cond(v1alpha1.ConditionApplied, metav1.ConditionTrue, ReasonApplied, "plan p-0: layout applied and advertised", earlier)),
 		obs: &observation{gpus: []Observed{on}},
 		out: outcome{steps: []Step{create}},
-		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", ObservedGeneration: 3, GPUs: gpus[:1], Models: models, Conditions: []metav1.Condition{
 			cond(v1alpha1.ConditionApplied, metav1.ConditionTrue, ReasonApplied, "plan p-1: layout applied and advertised", earlier),
 			cond(v1alpha1.ConditionFailed, metav1.ConditionFalse, ReasonApplied, "", now),
 		}},
@@ -212,7 +213,7 @@ func TestReport(t *testing.T) {
 		np:   withStatus(spec("p-2", layout(0, "7g.80gb@0")), "p-1"),
 		obs:  &observation{gpus: []Observed{on}},
 		out:  outcome{conflicts: []Conflict{inUse, noGPU}},
-		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-2", ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-2", ObservedGeneration: 3, GPUs: gpus[:1], Models: models, Conditions: []metav1.Condition{
 			cond(v1alpha1.ConditionApplied, metav1.ConditionFalse, ReasonSliceInUse, "plan p-2 not fully applied: "+inUse.Message+"; "+noGPU.Message, now),
 			cond(v1alpha1.ConditionFailed, metav1.ConditionTrue, ReasonSliceInUse, "plan p-2 not fully applied: "+inUse.Message+"; "+noGPU.Message, now),
 		}},
@@ -223,7 +224,7 @@ func TestReport(t *testing.T) {
 		np:   withStatus(spec("p-2", layout(0, "1g.10gb@0", "1g.10gb@1")), "p-1"),
 		obs:  &observation{gpus: []Observed{on}},
 		out:  outcome{steps: []Step{create}, err: errors.New("the device plugin did not re-advertise"), reason: ReasonDevicePluginTimeout},
-		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+		status: v1alpha1.NodePartitionStatus{ObservedPlanID: "p-1", ObservedGeneration: 3, GPUs: gpus[:1], Models: models, Conditions: []metav1.Condition{
 			cond(v1alpha1.ConditionApplied, metav1.ConditionFalse, ReasonApplying, "plan p-2: retrying after: the device plugin did not re-advertise", now),
 			cond(v1alpha1.ConditionFailed, metav1.ConditionTrue, ReasonDevicePluginTimeout, "the device plugin did not re-advertise", now),
 		}},
@@ -233,7 +234,7 @@ func TestReport(t *testing.T) {
 		name: "nothing observed (fail): the last reported GPUs are kept",
 		np:   withStatus(spec(""), ""),
 		out:  outcome{err: errors.New("reading the GPUs: NVML: unknown error"), reason: ReasonNVMLError},
-		status: v1alpha1.NodePartitionStatus{ObservedGeneration: 3, GPUs: gpus[:1], Conditions: []metav1.Condition{
+		status: v1alpha1.NodePartitionStatus{ObservedGeneration: 3, GPUs: gpus[:1], Models: models, Conditions: []metav1.Condition{
 			cond(v1alpha1.ConditionApplied, metav1.ConditionFalse, ReasonApplying, "plan (none): retrying after: reading the GPUs: NVML: unknown error", now),
 			cond(v1alpha1.ConditionFailed, metav1.ConditionTrue, ReasonNVMLError, "reading the GPUs: NVML: unknown error", now),
 		}},
@@ -614,13 +615,14 @@ func TestOwnDevices(t *testing.T) {
 // binds on in agent mode.
 func TestStatusSaysWhichSlicesKubeletCanAllocate(t *testing.T) {
 	o := a100(t, 0, have("1g.10gb", 0, ""), have("3g.40gb", 4, "team/a"))
-	gpus, _ := gpuStatuses(&v1.Node{}, []Observed{o}, map[string][]string{
+	var st v1alpha1.NodePartitionStatus
+	setGPUs(&st, &v1.Node{}, []Observed{o}, map[string][]string{
 		"nvidia.com/mig-3g.40gb": {"MIG-3g.40gb"},
 		"nvidia.com/mig-1g.10gb": {"MIG-3g.40gb"}, // not the 1g slice's UUID
 	})
-	require.Len(t, gpus, 1)
+	require.Len(t, st.GPUs, 1)
 	advertised := map[string]bool{}
-	for _, s := range gpus[0].Slices {
+	for _, s := range st.GPUs[0].Slices {
 		advertised[s.Profile] = s.Advertised
 	}
 	assert.Equal(t, map[string]bool{"1g.10gb": false, "3g.40gb": true}, advertised)
@@ -641,9 +643,10 @@ func TestFailedReadvertisementAdvertisesNothing(t *testing.T) {
 	err := a.readvertise(ctx, obs)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "did not re-advertise the slices within 200ms: kubelet cannot allocate [nvidia.com/mig-1g.10gb MIG-1g.10gb]")
-	gpus, _ := gpuStatuses(&v1.Node{}, obs.gpus, obs.allocatable)
-	require.Len(t, gpus, 1)
-	assert.False(t, gpus[0].Slices[0].Advertised, "not advertised after a failed re-advertisement")
+	var st v1alpha1.NodePartitionStatus
+	setGPUs(&st, &v1.Node{}, obs.gpus, obs.allocatable)
+	require.Len(t, st.GPUs, 1)
+	assert.False(t, st.GPUs[0].Slices[0].Advertised, "not advertised after a failed re-advertisement")
 }
 
 // A sync that reported mid-plan (progress) compares its final status with

@@ -6,6 +6,7 @@ package client
 import (
 	"fmt"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 
@@ -25,4 +26,15 @@ func New(cfg *rest.Config) (versioned.Interface, error) {
 		return nil, fmt.Errorf("creating the dynamig.io client: %w", err)
 	}
 	return cs, nil
+}
+
+// TrimManagedFields is an informer transform (cache.TransformFunc) that
+// drops metadata.managedFields, as kube-scheduler does for its pods:
+// nothing in dynamig reads them, they are about half of a NodePartition's
+// size, and an update sent without them leaves the server's as they are.
+func TrimManagedFields(obj any) (any, error) {
+	if a, err := meta.Accessor(obj); err == nil && a.GetManagedFields() != nil {
+		a.SetManagedFields(nil)
+	}
+	return obj, nil
 }

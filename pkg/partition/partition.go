@@ -22,6 +22,7 @@ import (
 	"strings"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -158,9 +159,13 @@ func Decode(np *v1alpha1.NodePartition) *Node {
 		n.PlanTime = t
 	}
 	desired, specErrs := DesiredLayouts(np)
+	shared := make(map[string][]v1alpha1.ProfileStatus, len(np.Status.Models))
+	for _, m := range np.Status.Models {
+		shared[m.Name] = m.Profiles
+	}
 	var errs []error
 	for _, gs := range np.Status.GPUs {
-		g, err := decodeGPU(gs)
+		g, err := decodeGPU(gs, shared[gs.Model])
 		if err != nil {
 			errs = append(errs, fmt.Errorf("gpu %d: %w", gs.Index, err))
 		}
@@ -200,9 +205,15 @@ func (n *Node) plannable() bool {
 	return false
 }
 
-func decodeGPU(gs v1alpha1.GPUStatus) (GPU, error) {
+// decodeGPU decodes a GPU's status; its profiles are its own, if it lists
+// any, else its model's (status.models).
+func decodeGPU(gs v1alpha1.GPUStatus, modelProfiles []v1alpha1.ProfileStatus) (GPU, error) {
 	g := GPU{Index: int(gs.Index), UUID: gs.UUID, MIGMode: gs.MIGMode}
-	profiles, err := Profiles(gs.Profiles)
+	ps := gs.Profiles
+	if len(ps) == 0 {
+		ps = modelProfiles
+	}
+	profiles, err := Profiles(ps)
 	if err != nil {
 		return g, err
 	}
@@ -331,6 +342,27 @@ func EncodeGPU(index int, uuid, model string, mode v1alpha1.MIGMode, profiles []
 		g.Slices = append(g.Slices, v1alpha1.SliceStatus{Slice: apiSlice(s.Slice), UUID: s.UUID, Used: s.Used, Advertised: s.Advertised})
 	}
 	return g
+}
+
+// ShareProfiles moves the GPUs' profiles (EncodeGPU) into the models it
+// returns, once per model, the first GPU's of each; a GPU whose profiles
+// differ from those keeps its own. It changes gpus.
+func ShareProfiles(gpus []v1alpha1.GPUStatus) []v1alpha1.ModelStatus {
+	var models []v1alpha1.ModelStatus
+	for i := range gpus {
+		g := &gpus[i]
+		if len(g.Profiles) == 0 {
+			continue
+		}
+		j := slices.IndexFunc(models, func(m v1alpha1.ModelStatus) bool { return m.Name == g.Model })
+		if j < 0 {
+			models = append(models, v1alpha1.ModelStatus{Name: g.Model, Profiles: g.Profiles})
+		} else if !equality.Semantic.DeepEqual(models[j].Profiles, g.Profiles) {
+			continue
+		}
+		g.Profiles = nil
+	}
+	return models
 }
 
 func apiSlice(s mig.Slice) v1alpha1.Slice {

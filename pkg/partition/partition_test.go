@@ -1,6 +1,7 @@
 package partition
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -63,8 +64,52 @@ func TestDecodePrefersDiscoveredProfiles(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, offered, decoded, "EncodeGPU and Profiles are inverses")
 
+	twice := g.DeepCopy()
+	twice.Profiles = append(twice.Profiles, twice.Profiles[0])
+	require.ErrorContains(t, Decode(builders.NodePartition(nil, "", "", *twice)).Err, "appears twice",
+		"the API server no longer checks the names: the list is atomic")
+
 	g.Profiles[0].Starts = []int32{9}
 	require.ErrorContains(t, Decode(builders.NodePartition(nil, "", "", g)).Err, "discovered profiles")
+}
+
+// The agent lists the profiles once per model (status.models); a GPU whose
+// profiles differ from its model's first GPU's keeps its own. Each GPU
+// decodes to the profiles it reported.
+func TestShareProfiles(t *testing.T) {
+	a100, err := mig.ModelByName("A100-80GB")
+	require.NoError(t, err)
+	h100, err := mig.ModelByName("H100-80GB")
+	require.NoError(t, err)
+	older := builders.Without(a100.Profiles, "1g.20gb") // a GPU on which NVML offers less
+	gpus := []v1alpha1.GPUStatus{
+		EncodeGPU(0, "GPU-0", a100.Name, v1alpha1.MIGEnabled, a100.Profiles, nil),
+		EncodeGPU(1, "GPU-1", a100.Name, v1alpha1.MIGEnabled, a100.Profiles, nil),
+		EncodeGPU(2, "GPU-2", h100.Name, v1alpha1.MIGEnabled, h100.Profiles, nil),
+		EncodeGPU(3, "GPU-3", a100.Name, v1alpha1.MIGEnabled, older, nil),
+		EncodeGPU(4, "GPU-4", a100.Name, v1alpha1.MIGDisabled, nil, nil),
+	}
+	perGPU := builders.NodePartition(nil, "", "", slices.Clone(gpus)...) // as agents before models wrote it
+
+	models := ShareProfiles(gpus)
+	require.Len(t, models, 2)
+	assert.Equal(t, []string{a100.Name, h100.Name}, []string{models[0].Name, models[1].Name})
+	assert.Equal(t, gpus[3].Profiles, EncodeGPU(3, "", "", "", older, nil).Profiles, "unlike its model's: kept")
+	for _, i := range []int{0, 1, 2, 4} {
+		assert.Empty(t, gpus[i].Profiles, "gpu %d: its model's", i)
+	}
+
+	shared := builders.NodePartition(nil, "", "", gpus...)
+	shared.Status.Models = models
+	for _, np := range []*v1alpha1.NodePartition{shared, perGPU} {
+		n := Decode(np)
+		require.NoError(t, n.Err)
+		for i, want := range []*mig.Model{a100, a100, h100} {
+			assert.Equal(t, want.Profiles, n.GPUs[i].Model.Profiles, "gpu %d", i)
+		}
+		_, ok := n.GPUs[3].Model.ProfileIndex(mig.MustParseProfile("1g.20gb"))
+		assert.False(t, ok, "gpu 3 keeps its own profiles")
+	}
 }
 
 func TestSetLayoutsAndDesiredLayouts(t *testing.T) {

@@ -266,10 +266,13 @@ func TestNodeAgent(t *testing.T) {
 		assert.Equal(t, v1alpha1.MIGEnabled, g.MIGMode)
 		assert.Regexp(t, "^GPU-", g.UUID)
 		names := []string{}
-		for _, p := range g.Profiles {
+		require.Len(t, np.Status.Models, 1, "the profiles of the GPU with MIG on, once per model")
+		assert.Equal(t, "A100-80GB", np.Status.Models[0].Name)
+		for _, p := range np.Status.Models[0].Profiles {
 			names = append(names, p.Name)
 		}
 		assert.ElementsMatch(t, []string{"1g.10gb", "1g.10gb+me", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"}, names, "profiles discovered through NVML")
+		assert.Empty(t, g.Profiles, "its model's")
 		assert.Equal(t, v1alpha1.MIGDisabled, np.Status.GPUs[1].MIGMode)
 		assert.Empty(t, np.Status.GPUs[1].Profiles)
 		assert.Equal(t, agent.ReasonNoPlan, condition(np, v1alpha1.ConditionApplied).Reason)

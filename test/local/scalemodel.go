@@ -31,9 +31,9 @@ import (
 // (agent mode) and kubelet write to the API server, so that the scheduler
 // sees a large cluster as it would: the Node (labels, Ready, capacity and
 // allocatable with a nvidia.com/mig-* count per profile) and the
-// NodePartition status the agent writes (partition.EncodeGPU: the GPUs'
-// profiles and slices with MIG UUIDs, used and advertised; observedPlanID,
-// the Applied condition). It is light: no NVML, no device plugin, no
+// NodePartition status the agent writes (partition.EncodeGPU and
+// ShareProfiles: the GPUs' profiles, once per model, and slices with MIG
+// UUIDs, used and advertised; observedPlanID, the Applied condition). It is light: no NVML, no device plugin, no
 // kubelet process; a spec is applied after Delay as a whole (every slice
 // advertised at once, no mid-plan report), and a pod bound to a node gets
 // free slices of its profiles as kubelet's device manager would hand them
@@ -217,6 +217,7 @@ func (m *scaleModel) status(np *v1alpha1.NodePartition, mn *modelNode, err error
 	for i, g := range mn.gpus {
 		st.GPUs = append(st.GPUs, partition.EncodeGPU(i, fmt.Sprintf("GPU-%s-%d", np.Name, i), mn.model.Name, v1alpha1.MIGEnabled, mn.model.Profiles, g))
 	}
+	st.Models = partition.ShareProfiles(st.GPUs)
 	applied := metav1.Condition{Type: v1alpha1.ConditionApplied, Status: metav1.ConditionTrue, Reason: "Applied", ObservedGeneration: np.Generation,
 		LastTransitionTime: metav1.Now(), Message: "the spec's layout exists and the agent advertises it"}
 	failed := metav1.Condition{Type: v1alpha1.ConditionFailed, Status: metav1.ConditionFalse, Reason: "Applied", ObservedGeneration: np.Generation, LastTransitionTime: metav1.Now()}

@@ -314,6 +314,11 @@ func (h *handPod) create(ctx context.Context, c *Cluster, n *kubeletnode.Node) e
 			all = append(all, p.Name)
 		}
 	}
+	for _, m := range np.Status.Models {
+		for _, p := range m.Profiles {
+			all = append(all, p.Name)
+		}
+	}
 	if len(free) == 0 {
 		free = all
 	}

@@ -10,7 +10,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
-	"github.com/dynamig/dynamig/pkg/client"
+	dynamigclient "github.com/dynamig/dynamig/pkg/client"
 	dynamigv1alpha1 "github.com/dynamig/dynamig/pkg/generated/clientset/versioned/typed/dynamig/v1alpha1"
 	"github.com/dynamig/dynamig/pkg/generated/informers/externalversions"
 	"github.com/dynamig/dynamig/pkg/partition"
@@ -28,11 +28,11 @@ type partitions struct {
 }
 
 func newPartitions(cfg *rest.Config) (*partitions, error) {
-	client, err := client.New(cfg)
+	client, err := dynamigclient.New(cfg)
 	if err != nil {
 		return nil, err
 	}
-	factory := externalversions.NewSharedInformerFactory(client, 0)
+	factory := externalversions.NewSharedInformerFactoryWithOptions(client, 0, externalversions.WithTransform(dynamigclient.TrimManagedFields))
 	return &partitions{
 		client:   client.DynamigV1alpha1().NodePartitions(),
 		factory:  factory,
@@ -103,12 +103,14 @@ func (p *partitions) get(node string) *partition.Node {
 // fails with a Conflict error if the object changed since it was read.
 // Filter must see the plan from the next scheduling cycle on, not when the
 // watch delivers it: in between, a pod could be bound to a slice the plan
-// is about to destroy. So the written object is stored at once.
+// is about to destroy. So the written object is stored at once, trimmed
+// as the informer trims what it stores.
 func (p *partitions) updateSpec(ctx context.Context, np *v1alpha1.NodePartition) error {
 	written, err := p.client.Update(ctx, np, metav1.UpdateOptions{FieldManager: Name})
 	if err != nil {
 		return fmt.Errorf("publishing plan %s to NodePartition %s: %w", np.Spec.PlanID, np.Name, err)
 	}
+	written.ManagedFields = nil
 	p.store(written)
 	return nil
 }

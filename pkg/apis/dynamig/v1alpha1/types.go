@@ -101,6 +101,17 @@ type NodePartitionStatus struct {
 	// +kubebuilder:validation:MaxItems=16
 	GPUs []GPUStatus `json:"gpus,omitempty"`
 
+	// Models are the GPU-instance profiles NVML offers, with their
+	// placements, once per GPU model (the model's first GPU with MIG on);
+	// the scheduler plans with them rather than its built-in catalog.
+	// Once per model, not per GPU: the API server's work for each status
+	// write grows with the object's size.
+	// +optional
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	Models []ModelStatus `json:"models,omitempty"`
+
 	// Conditions: Applied (the spec's layout exists and is advertised),
 	// Failed (why the last apply did not succeed, in words a user can act
 	// on), and DevicePluginRestarting (True while the agent restarts the
@@ -152,11 +163,11 @@ type GPUStatus struct {
 	// MIGMode is the current MIG mode, or the pending change.
 	MIGMode MIGMode `json:"migMode"`
 
-	// Profiles are the GPU-instance profiles NVML offers, with their
-	// placements. The scheduler prefers them to its built-in catalog.
+	// Profiles are the GPU-instance profiles NVML offers on this GPU,
+	// listed only where they differ from those models lists for its
+	// model (agents before models was added listed them on every GPU).
 	// +optional
-	// +listType=map
-	// +listMapKey=name
+	// +listType=atomic
 	// +kubebuilder:validation:MaxItems=32
 	Profiles []ProfileStatus `json:"profiles,omitempty"`
 
@@ -165,6 +176,21 @@ type GPUStatus struct {
 	// +listType=atomic
 	// +kubebuilder:validation:MaxItems=8
 	Slices []SliceStatus `json:"slices,omitempty"`
+}
+
+// ModelStatus is the profiles NVML offers on a GPU model.
+type ModelStatus struct {
+	// Name is the model, as the GPUs' model field names it.
+	Name string `json:"name"`
+
+	// Profiles are the GPU-instance profiles NVML offers, with their
+	// placements. A model that lists a profile twice is not planned on.
+	// Atomic: the agent alone writes them, whole, and a list keyed by
+	// name would have the API server track every field of every profile
+	// in metadata.managedFields, on every status write.
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=32
+	Profiles []ProfileStatus `json:"profiles"`
 }
 
 // ProfileStatus is a profile NVML offers on a GPU.
