@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 	appsv1 "k8s.io/api/apps/v1"
 	v1 "k8s.io/api/core/v1"
+	schedulingv1 "k8s.io/api/scheduling/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -32,6 +33,7 @@ func TestScheduler(t *testing.T) {
 	c := startCluster(t)
 	t.Run("seed", c.testSeed)
 	t.Run("used slices are kept", c.testUsedSlicesKept)
+	t.Run("preemption frees a slice for a higher priority", c.testPreemption)
 	t.Run("node constraints", c.testNodeConstraints)
 	t.Run("bad input", c.testBadInput)
 	t.Run("non-GPU pod", c.testNonGPUPod)
@@ -238,6 +240,53 @@ func (c *cluster) testUsedSlicesKept(t *testing.T) {
 	p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "big", metav1.GetOptions{})
 	require.NoError(t, err)
 	assert.Empty(t, p.Spec.NodeName, "the 4g.40gb still waits")
+}
+
+// Preemption: DefaultPreemption, which runs before DynamicMIG, evicts a
+// lower-priority pod holding the slice a MIG pod needs when no layout can
+// serve it otherwise; a pod of the same priority evicts nobody. DynamicMIG's
+// Filter marks only such nodes worth preemption's dry run (Unschedulable,
+// not UnschedulableAndUnresolvable): with every node marked unresolvable
+// this test fails (docs/reliability.md).
+func (c *cluster) testPreemption(t *testing.T) {
+	ns := c.namespace(t, "preempt")
+	c.addNode(t, "preempt-a", []string{"A100-80GB"}, nil, slicesOf{0: {{Profile: "7g.80gb", Start: 0}}})
+	low := migPod(ns, "low", "nvidia.com/mig-7g.80gb")
+	low.Spec.NodeName = "preempt-a"
+	c.create(t, low)
+	c.startAgent(t, "preempt-a")
+	waitFor(t, 10*time.Second, "the low-priority pod's slice marked used", func() (bool, error) {
+		np := c.partition(t, "preempt-a")
+		return len(np.Status.GPUs[0].Slices) == 1 && np.Status.GPUs[0].Slices[0].Used, nil
+	})
+	high := &schedulingv1.PriorityClass{ObjectMeta: metav1.ObjectMeta{Name: "dynamig-test-high"}, Value: 1000}
+	_, err := c.cs.SchedulingV1().PriorityClasses().Create(context.Background(), high, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = c.cs.SchedulingV1().PriorityClasses().Delete(context.Background(), high.Name, metav1.DeleteOptions{})
+	})
+	c.startScheduler(t)
+
+	c.create(t, migPod(ns, "same", "nvidia.com/mig-7g.80gb"))
+	assert.Contains(t, c.unschedulable(t, ns, "same"), "no MIG layout can serve 7g.80gb now")
+	p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "low", metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Nil(t, p.DeletionTimestamp, "a pod of the same priority evicts nobody")
+
+	urgent := migPod(ns, "urgent", "nvidia.com/mig-7g.80gb")
+	urgent.Spec.PriorityClassName = high.Name
+	c.create(t, urgent)
+	waitFor(t, 30*time.Second, "the low-priority pod evicted for the urgent one", func() (bool, error) {
+		p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "low", metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true, nil
+		}
+		return err == nil && p.DeletionTimestamp != nil, err
+	})
+	waitFor(t, 30*time.Second, "the urgent pod nominated to the node", func() (bool, error) {
+		p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "urgent", metav1.GetOptions{})
+		return err == nil && p.Status.NominatedNodeName == "preempt-a", err
+	})
 }
 
 // Node constraints: a nodeSelector and a taint keep the plan off the nodes

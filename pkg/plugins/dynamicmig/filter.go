@@ -6,6 +6,7 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	corev1helpers "k8s.io/component-helpers/scheduling/corev1"
 	"k8s.io/klog/v2"
 	fwk "k8s.io/kube-scheduler/framework"
 
@@ -113,12 +114,12 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 			if logger := klog.FromContext(ctx).V(4); logger.Enabled() { // Filter runs per node: no arguments built unless logged
 				logger.Info("node being repartitioned", "pod", klog.KObj(pod), "node", node.Name, "plan", part.PlanID)
 			}
-			return fwk.NewStatus(fwk.Unschedulable, reasonRepartitioning)
+			return fwk.NewStatus(fwk.UnschedulableAndUnresolvable, reasonRepartitioning)
 		case part.Restarting:
 			if logger := klog.FromContext(ctx).V(4); logger.Enabled() {
 				logger.Info("device plugin restarting", "pod", klog.KObj(pod), "node", node.Name)
 			}
-			return fwk.NewStatus(fwk.Unschedulable, reasonRestarting)
+			return fwk.NewStatus(fwk.UnschedulableAndUnresolvable, reasonRestarting)
 		}
 	}
 	requested := ni.GetRequested().GetScalarResources()
@@ -133,10 +134,44 @@ func (p *DynamicMIG) Filter(ctx context.Context, state fwk.CycleState, pod *v1.P
 			have = part.Advertised[string(r)] - unhealthy(node, part, r, allocatable[r])
 		}
 		if have-requested[r] < int64(want) {
-			return fwk.NewStatus(fwk.Unschedulable, fmt.Sprintf("no free %s", prof))
+			return fwk.NewStatus(shortage(pod, ni, r), fmt.Sprintf("no free %s", prof))
 		}
 	}
 	return nil
+}
+
+// shortage is the code of a node's rejection for want of free r:
+// Unschedulable where a pod of lower priority than pod holds r there, so
+// that DefaultPreemption may free it; elsewhere removing pods frees no r,
+// and UnschedulableAndUnresolvable has DefaultPreemption skip the node
+// rather than try it (its dry run over thousands of nodes, for every MIG
+// pod waiting for a repartition, cost the scheduler more CPU than
+// planning). The same holds for a node being repartitioned or restarting:
+// no eviction ends that sooner. Both codes requeue the pod alike.
+func shortage(pod *v1.Pod, ni fwk.NodeInfo, r v1.ResourceName) fwk.Code {
+	priority := corev1helpers.PodPriority(pod)
+	for _, pi := range ni.GetPods() {
+		other := pi.GetPod()
+		if corev1helpers.PodPriority(other) < priority && holds(other, r) {
+			return fwk.Unschedulable
+		}
+	}
+	return fwk.UnschedulableAndUnresolvable
+}
+
+// holds reports whether any of the pod's containers asks for r.
+func holds(pod *v1.Pod, r v1.ResourceName) bool {
+	for _, cs := range [][]v1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range cs {
+			if _, ok := c.Resources.Requests[r]; ok {
+				return true
+			}
+			if _, ok := c.Resources.Limits[r]; ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // unhealthy counts the devices of r kubelet holds unhealthy (Node

@@ -288,7 +288,7 @@ func TestPreFilterAndFilter(t *testing.T) {
 	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
 	require.NoError(t, err)
 	st = fw.RunFilterPlugins(ctx, state, one, ni)
-	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code())
 	assert.Equal(t, reasonRepartitioning, st.Message())
 
 	// Once applied, the slice is free and the pod fits; with it taken,
@@ -302,7 +302,7 @@ func TestPreFilterAndFilter(t *testing.T) {
 	_, st, _ = fw.RunPreFilterPlugins(ctx, state, two)
 	require.True(t, st.IsSuccess())
 	st = fw.RunFilterPlugins(ctx, state, two, ni)
-	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code())
 	assert.Equal(t, Name, st.Plugin(), "DynamicMIG is the rejector")
 	assert.Equal(t, "no free 1g.10gb", st.Message())
 }
@@ -361,7 +361,7 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
 	require.NoError(t, err)
 	st = fw.RunFilterPlugins(ctx, state, pod, ni)
-	assert.Equal(t, fwk.Unschedulable, st.Code(), "two kept 1g.10gb are free, yet kubelet could give the pod 1g.10gb@1")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code(), "two kept 1g.10gb are free, yet kubelet could give the pod 1g.10gb@1")
 	assert.Equal(t, reasonRepartitioning, st.Message())
 
 	// No plan in flight, but the agent restarts the device plugin (after
@@ -371,7 +371,7 @@ func TestFilterKeepsMIGPodsOffNodesWithAPlanInFlight(t *testing.T) {
 	restarting.Status.Conditions = []metav1.Condition{{Type: v1alpha1.ConditionRestarting, Status: metav1.ConditionTrue, Reason: "Restarting"}}
 	parts.objects["n1"] = restarting
 	st = fw.RunFilterPlugins(ctx, state, pod, ni)
-	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code())
 	assert.Equal(t, reasonRestarting, st.Message())
 	restarting.Status.Conditions[0].Status = metav1.ConditionFalse
 	assert.True(t, fw.RunFilterPlugins(ctx, state, pod, ni).IsSuccess(), "applied, advertised: the pod fits")
@@ -407,7 +407,7 @@ func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
 		np.Status.DevicePlugin = mode
 		assert.True(t, filter(one).IsSuccess(), "%s: one 1g.10gb is advertised", mode)
 		st := filter(two)
-		assert.Equal(t, fwk.Unschedulable, st.Code(), "%s: the second 1g.10gb exists but kubelet cannot allocate it yet", mode)
+		assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code(), "%s: the second 1g.10gb exists but kubelet cannot allocate it yet", mode)
 		assert.Equal(t, "no free 1g.10gb", st.Message())
 	}
 
@@ -422,14 +422,14 @@ func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
 	posted(ended.Add(-time.Second))
 	assert.True(t, filter(one).IsSuccess(), "a status posted while the device plugin restarted, which it has since done")
 	posted(ended)
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "posted in the second the restart ended: it counts")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "posted in the second the restart ended: it counts")
 	posted(ended.Add(time.Minute))
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "posted after the restart ended: the plugin went since (the agent crashed)")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "posted after the restart ended: the plugin went since (the agent crashed)")
 	posted(time.Time{})
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "no heartbeat known: it counts")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "no heartbeat known: it counts")
 	np.Status.Conditions = nil
 	posted(ended.Add(-time.Second))
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "no restart known: it counts")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "no restart known: it counts")
 	node.Status.Capacity, node.Status.Conditions = nil, nil
 	ni.SetNode(node)
 
@@ -437,14 +437,49 @@ func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
 	// withdrawn (applyingPlanID); then the slices advertised so far count.
 	np.Spec.PlanID = "p-2"
 	st := filter(one)
-	assert.Equal(t, fwk.Unschedulable, st.Code())
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, st.Code())
 	assert.Equal(t, reasonRepartitioning, st.Message())
 	np.Status.ApplyingPlanID = "p-1"
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "the agent applies an older plan")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "the agent applies an older plan")
 	np.Status.ApplyingPlanID = "p-2"
 	assert.True(t, filter(one).IsSuccess(), "p-2's destroys are withdrawn; 1g.10gb@1 is advertised")
 	np.Status.DevicePlugin = v1alpha1.DevicePluginNVIDIA
-	assert.Equal(t, fwk.Unschedulable, filter(one).Code(), "restart mode waits for the whole plan")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "restart mode waits for the whole plan")
+}
+
+// A node short of a profile is worth DefaultPreemption's dry run only if
+// a pod of lower priority holds that profile there: the rejection says so
+// by its code (Unschedulable), and is UnschedulableAndUnresolvable
+// everywhere else, so that preemption skips the node.
+func TestFilterTellsPreemptionWhereEvictionsFreeSlices(t *testing.T) {
+	np := builders.NodePartition(nil, "p-1", "p-1", builders.GPU(0, "A100-80GB", builders.Used("3g.40gb", 0), builders.Used("3g.40gb", 4)))
+	np.Name = "n1"
+	np.Status.DevicePlugin = v1alpha1.DevicePluginAgent
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": np}}
+	holder := pendingPod("holder", builders.Resources("nvidia.com/mig-3g.40gb", "2"))
+	holder.Spec.NodeName = "n1"
+	priority := func(p *v1.Pod, v int32) *v1.Pod { p.Spec.Priority = &v; return p }
+	low := priority(pendingPod("low", builders.Resources("nvidia.com/mig-3g.40gb", "1")), 0)
+	high := priority(pendingPod("high", builders.Resources("nvidia.com/mig-3g.40gb", "1")), 1000)
+	other := priority(pendingPod("other", builders.Resources("nvidia.com/mig-1g.10gb", "1")), 1000)
+	fw, _ := testFramework(t, parts, []*v1.Node{migNode("n1")}, holder, low, high, other)
+	_, ctx := ktesting.NewTestContext(t)
+	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
+	require.NoError(t, err)
+	filter := func(pod *v1.Pod) *fwk.Status {
+		state := framework.NewCycleState()
+		_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
+		require.True(t, st.IsSuccess())
+		return fw.RunFilterPlugins(ctx, state, pod, ni)
+	}
+
+	st := filter(high)
+	assert.Equal(t, fwk.Unschedulable, st.Code(), "evicting the holder, of lower priority, frees its 3g.40gb")
+	assert.Equal(t, "no free 3g.40gb", st.Message())
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(low).Code(), "the holder's priority is not lower")
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(other).Code(), "the holder holds no 1g.10gb")
+	np.Spec.PlanID = "p-2"
+	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(high).Code(), "no eviction applies a plan sooner")
 }
 
 // More MIG nodes than a plan considers (MaxNodesPerPlan, 100): a pod that
