@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -85,7 +86,10 @@ type ScaleResult struct {
 	// SteadyPlans and the SteadyPostFilter quantiles are those of the
 	// steady phase (SteadyRate): SteadyPods more pods, created one by
 	// one, each needing a new layout.
-	SteadyPlans           int     `json:"steadyPlans,omitempty"`
+	SteadyPlans int `json:"steadyPlans,omitempty"`
+	// SteadyConflicts is how many of them a NodePartition write changed
+	// under (result conflict): their pods were planned again.
+	SteadyConflicts       int     `json:"steadyConflicts,omitempty"`
 	SteadyPostFilterP50Ms float64 `json:"steadyPostFilterP50Ms,omitempty"`
 	SteadyPostFilterP99Ms float64 `json:"steadyPostFilterP99Ms,omitempty"`
 	SteadyPublishP50Ms    float64 `json:"steadyPublishP50Ms,omitempty"`
@@ -94,6 +98,20 @@ type ScaleResult struct {
 	// waited for its client's rate limiter in the steady phase
 	// (rest_client_rate_limiter_duration_seconds, every verb).
 	SteadyThrottleP99Ms float64 `json:"steadyThrottleP99Ms,omitempty"`
+	// SteadyAPIServerPutMeanMs and P99Ms are kube-apiserver's own latency
+	// for NodePartition spec writes in the steady phase
+	// (apiserver_request_duration_seconds, resource nodepartitions, verb
+	// PUT, no subresource), to tell the server's share of a write from
+	// the scheduler's: the mean, as its buckets (5, 25, 50, 100, 200,
+	// 400 ms …) are too coarse for a p50.
+	SteadyAPIServerPutMeanMs float64 `json:"steadyAPIServerPutMeanMs,omitempty"`
+	SteadyAPIServerPutP99Ms  float64 `json:"steadyAPIServerPutP99Ms,omitempty"`
+	// SteadyCPUSeconds is the CPU time each process used in the steady
+	// phase (scheduler, kube-apiserver, etcd, kube-controller-manager and
+	// the harness with its node model), SteadySeconds the phase's length:
+	// on a machine of few cores they share, this says who was busy.
+	SteadyCPUSeconds map[string]float64 `json:"steadyCPUSeconds,omitempty"`
+	SteadySeconds    float64            `json:"steadySeconds,omitempty"`
 	// SchedulerPeakRSSMiB is the scheduler process's peak resident memory (VmHWM).
 	SchedulerPeakRSSMiB float64 `json:"schedulerPeakRSSMiB"`
 	// APIRequestsPerPod is the scheduler's API requests during the burst
@@ -263,14 +281,24 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 			steady = append(steady, p)
 		}
 		fmt.Fprintf(o.Progress, "creating %d more MIG pods, %g a second\n", len(steady), o.SteadyRate)
+		procs := map[string]*proc{"scheduler": sched.proc, "kube-apiserver": cp.apiserver, "etcd": cp.etcd, "kube-controller-manager": cp.kcm}
+		cpuBefore, serverBefore, steadyStart := cpuTimes(procs), apiserverMetrics(ctx, kube), time.Now()
 		if _, _, err := createAndBind(ctx, kube, steady, o.SteadyRate, o.Stall); err != nil {
 			return nil, err
 		}
+		res.SteadySeconds = time.Since(steadyStart).Seconds()
+		res.SteadyCPUSeconds = cpuTimes(procs)
+		for name, t := range cpuBefore {
+			res.SteadyCPUSeconds[name] -= t
+		}
+		puts := histogramDelta(nodePartitionPuts(serverBefore), nodePartitionPuts(apiserverMetrics(ctx, kube)))
+		res.SteadyAPIServerPutMeanMs, res.SteadyAPIServerPutP99Ms = 1000*puts.mean(), 1000*puts.quantile(0.99)
 		end, err := sched.metrics(ctx)
 		if err != nil {
 			return nil, err
 		}
 		res.SteadyPlans, res.SteadyPostFilterP50Ms, res.SteadyPostFilterP99Ms, res.SteadyPublishP50Ms, res.SteadyPublishP99Ms = plans(after, end)
+		res.SteadyConflicts = int(conflicts(end) - conflicts(after))
 		throttle := histogramDelta(after["rest_client_rate_limiter_duration_seconds"], end["rest_client_rate_limiter_duration_seconds"])
 		res.SteadyThrottleP99Ms = 1000 * throttle.quantile(0.99)
 		pods = append(pods, steady...)
@@ -554,6 +582,11 @@ func (p *schedulerProc) metrics(ctx context.Context) (map[string]*dto.MetricFami
 	if err != nil {
 		return nil, err
 	}
+	return parseMetrics(body)
+}
+
+// parseMetrics parses a /metrics page in Prometheus' text format.
+func parseMetrics(body []byte) (map[string]*dto.MetricFamily, error) {
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	return parser.TextToMetricFamilies(bytes.NewReader(body))
 }
@@ -575,6 +608,90 @@ func (p *schedulerProc) peakRSS() float64 {
 	return 0
 }
 
+// apiserverMetrics scrapes kube-apiserver's /metrics; nil if it cannot
+// (the measures that need it are then 0).
+func apiserverMetrics(ctx context.Context, kube kubernetes.Interface) map[string]*dto.MetricFamily {
+	body, err := kube.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx)
+	if err != nil {
+		return nil
+	}
+	families, err := parseMetrics(body)
+	if err != nil {
+		return nil
+	}
+	return families
+}
+
+// nodePartitionPuts is kube-apiserver's request-duration histogram for
+// NodePartition writes (PUT, the spec: no subresource) alone.
+func nodePartitionPuts(families map[string]*dto.MetricFamily) *dto.MetricFamily {
+	f := families["apiserver_request_duration_seconds"]
+	if f == nil {
+		return nil
+	}
+	only := &dto.MetricFamily{Name: f.Name, Type: f.Type}
+	for _, m := range f.GetMetric() {
+		labels := map[string]string{}
+		for _, l := range m.GetLabel() {
+			labels[l.GetName()] = l.GetValue()
+		}
+		if labels["resource"] == "nodepartitions" && labels["verb"] == "PUT" && labels["subresource"] == "" {
+			only.Metric = append(only.Metric, m)
+		}
+	}
+	return only
+}
+
+// cpuTimes is the user and system CPU time, in seconds, each process has
+// used so far, and the harness's own under "harness (node model, pods)".
+func cpuTimes(procs map[string]*proc) map[string]float64 {
+	times := map[string]float64{"harness (node model, pods)": cpuSeconds("self")}
+	for name, p := range procs {
+		if p != nil && p.cmd != nil && p.cmd.Process != nil {
+			times[name] = cpuSeconds(strconv.Itoa(p.cmd.Process.Pid))
+		}
+	}
+	return times
+}
+
+// cpuSeconds reads a process's utime and stime from /proc/<pid>/stat (in
+// clock ticks, 100 a second on Linux); 0 if it cannot.
+func cpuSeconds(pid string) float64 {
+	stat, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name, which is in parentheses and may
+	// hold spaces: the state is the first, utime the 12th, stime the 13th.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	utime, err1 := strconv.ParseFloat(f[11], 64)
+	stime, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	return (utime + stime) / 100
+}
+
+// conflicts is DynamicMIG's count of plans a NodePartition write changed
+// under (dynamig_scheduler_plans_total, result conflict).
+func conflicts(families map[string]*dto.MetricFamily) float64 {
+	for _, m := range families["dynamig_scheduler_plans_total"].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "result" && l.GetValue() == "conflict" {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
+}
+
 // counterSum adds every series of a counter.
 func counterSum(families map[string]*dto.MetricFamily, name string) float64 {
 	total := 0.0
@@ -590,6 +707,7 @@ func counterSum(families map[string]*dto.MetricFamily, name string) float64 {
 type histogram struct {
 	bounds []float64
 	counts []float64
+	sum    float64 // of the observations
 }
 
 // histogramDelta is after's series, added up (they share their buckets),
@@ -605,6 +723,7 @@ func histogramDelta(before, after *dto.MetricFamily) histogram {
 			for i := range min(len(counts), len(h.counts)) {
 				h.counts[i] += sign * counts[i]
 			}
+			h.sum += sign * m.GetHistogram().GetSampleSum()
 		}
 	}
 	add(after, 1)
@@ -625,6 +744,14 @@ func buckets(h *dto.Histogram) (bounds, counts []float64) {
 		counts = append(counts, float64(h.GetSampleCount()))
 	}
 	return bounds, counts
+}
+
+// mean is the observations' mean; 0 without any.
+func (h histogram) mean() float64 {
+	if len(h.counts) == 0 || h.counts[len(h.counts)-1] == 0 {
+		return 0
+	}
+	return h.sum / h.counts[len(h.counts)-1]
 }
 
 // quantile interpolates linearly within the bucket that holds it, as
@@ -659,10 +786,19 @@ func PrintScale(w io.Writer, r *ScaleResult) {
 	row("PostFilter plan p50 / p99 (histogram)", fmt.Sprintf("%.1f ms / %.1f ms", r.PostFilterP50Ms, r.PostFilterP99Ms))
 	row("  of which writing specs, p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.PublishP50Ms, r.PublishP99Ms))
 	if r.SteadyPlans > 0 {
-		row("steady phase: plans", fmt.Sprint(r.SteadyPlans))
+		row("steady phase: plans (conflicts)", fmt.Sprintf("%d (%d)", r.SteadyPlans, r.SteadyConflicts))
 		row("steady phase: PostFilter p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPostFilterP50Ms, r.SteadyPostFilterP99Ms))
 		row("  of which writing specs, p50 / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyPublishP50Ms, r.SteadyPublishP99Ms))
 		row("steady phase: API client rate-limiter wait p99", fmt.Sprintf("%.1f ms", r.SteadyThrottleP99Ms))
+		row("steady phase: kube-apiserver spec PUT mean / p99", fmt.Sprintf("%.1f ms / %.1f ms", r.SteadyAPIServerPutMeanMs, r.SteadyAPIServerPutP99Ms))
+		var names []string
+		for name := range r.SteadyCPUSeconds {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			row("steady phase: CPU, "+name, fmt.Sprintf("%.1f s of %.1f s (%.0f %% of a core)", r.SteadyCPUSeconds[name], r.SteadySeconds, 100*r.SteadyCPUSeconds[name]/r.SteadySeconds))
+		}
 	}
 	row("scheduler peak RSS", fmt.Sprintf("%.0f MiB", r.SchedulerPeakRSSMiB))
 	row("scheduler API requests per bound MIG pod", fmt.Sprintf("%.1f", r.APIRequestsPerPod))
