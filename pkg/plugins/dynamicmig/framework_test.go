@@ -37,6 +37,7 @@ import (
 
 	configv1 "github.com/dynamig/dynamig/pkg/apis/config/v1"
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/mig"
 	"github.com/dynamig/dynamig/pkg/partition"
 	"github.com/dynamig/dynamig/test/builders"
@@ -480,6 +481,47 @@ func TestFilterTellsPreemptionWhereEvictionsFreeSlices(t *testing.T) {
 	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(other).Code(), "the holder holds no 1g.10gb")
 	np.Spec.PlanID = "p-2"
 	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(high).Code(), "no eviction applies a plan sooner")
+}
+
+// A plan reuses what it derived from a node (memos) only while neither
+// the node nor its NodePartition changed: a pod bound since counts, and a
+// NodePartition with more room moves its node ahead when candidates are
+// capped.
+func TestViewsSeeWhatChangedSinceTheLastPlan(t *testing.T) {
+	a30 := func(name string, slices ...v1alpha1.SliceStatus) *v1alpha1.NodePartition {
+		np := builders.NodePartition(nil, "", "", builders.GPU(0, "A30", slices...))
+		np.Name = name
+		return np
+	}
+	free := v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.6gb", Start: 3}}
+	parts := &fakePartitions{objects: map[string]*v1alpha1.NodePartition{"n1": a30("n1", free), "n2": a30("n2")}}
+	decoded := decodedPartitions{"n1": parts.get("n1"), "n2": parts.get("n2")}
+	nodes := []*v1.Node{migNode("n1"), migNode("n2")}
+	pod := pendingPod("p", builders.Resources("nvidia.com/mig-1g.6gb", "1"))
+	fw, _, _, plugin := testFrameworkWithActivations(t, decoded, nodes, pod)
+	plugin.args.MaxNodesPerPlan = 1
+	logger, _ := ktesting.NewTestContext(t)
+	d := demand.Demand{mig.MustParseProfile("1g.6gb"): 1}
+
+	views, _ := plugin.views(logger, pod, d)
+	require.Contains(t, views, "n1", "the node with a free 1g.6gb")
+	open := views["n1"].open
+	assert.Empty(t, views["n1"].node.Bound)
+	views, _ = plugin.views(logger, pod, d)
+	assert.Same(t, open, views["n1"].open, "nothing changed: reused")
+
+	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
+	require.NoError(t, err)
+	holder := pendingPod("holder", builders.Resources("nvidia.com/mig-1g.6gb", "1"))
+	holder.Spec.NodeName = "n1"
+	ni.(*framework.NodeInfo).AddPod(holder)
+	views, _ = plugin.views(logger, pod, d)
+	assert.Equal(t, 1, views["n1"].node.Bound[mig.MustParseProfile("1g.6gb")], "the pod bound since")
+	assert.NotSame(t, open, views["n1"].open)
+
+	decoded["n2"] = partition.Decode(a30("n2", free, v1alpha1.SliceStatus{Slice: v1alpha1.Slice{Profile: "1g.6gb", Start: 2}}))
+	views, _ = plugin.views(logger, pod, d)
+	assert.Contains(t, views, "n2", "n2 now has two free 1g.6gb")
 }
 
 // More MIG nodes than a plan considers (MaxNodesPerPlan, 100): a pod that

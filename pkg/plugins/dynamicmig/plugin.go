@@ -52,6 +52,7 @@ type DynamicMIG struct {
 
 	mu     sync.Mutex // serialises planning and publishing
 	planNo uint64
+	memos  memos // under mu
 }
 
 var (

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -35,6 +36,7 @@ type view struct {
 	// once per plan for the pending pods' other filters.
 	open fwk.NodeInfo
 	room room // for the pod planned, when candidates are capped
+	memo *memo
 }
 
 // views lists the nodes the plan for pod may change: selected by the node
@@ -53,11 +55,16 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 		return nil, nil
 	}
 	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
+	p.memos.prune(len(infos))
 	var cands []*view
 	left = map[string]bool{}
 	for _, ni := range infos {
 		node := ni.Node()
-		if !p.selector.Matches(labels.Set(node.Labels)) {
+		m := p.memos.of(node.Name)
+		if m.node != node {
+			m.node, m.selected = node, p.selector.Matches(labels.Set(node.Labels))
+		}
+		if !m.selected {
 			continue
 		}
 		part := p.partitions.get(node.Name)
@@ -78,12 +85,16 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 			left[node.Name] = true
 			continue
 		}
-		cands = append(cands, &view{ni: ni, part: part})
+		cands = append(cands, &view{ni: ni, part: part, memo: m})
 	}
 	if limit := int(p.args.MaxNodesPerPlan); len(cands) > limit {
 		offers := map[*mig.Model]bool{}
+		key := d.String()
 		for _, v := range cands {
-			v.room = roomFor(v.part, d, offers)
+			if m := v.memo; m.roomPart != v.part || m.roomFor != key {
+				m.roomPart, m.roomFor, m.room = v.part, key, roomFor(v.part, d, offers)
+			}
+			v.room = v.memo.room
 		}
 		slices.SortFunc(cands, func(a, b *view) int {
 			if a.room != b.room {
@@ -102,10 +113,73 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 	views = make(map[string]*view, len(cands))
 	for _, v := range cands {
 		v.node = plannerNode(v.part)
-		v.open = openMIG(v.ni, v.part)
+		if m := v.memo; m.generation != v.ni.GetGeneration() || m.openPart != v.part {
+			m.generation, m.openPart = v.ni.GetGeneration(), v.part
+			m.open, m.bound = openMIG(v.ni, v.part), demand.Demand{}
+			for _, pi := range v.ni.GetPods() {
+				addDemand(m.bound, pi.GetPod())
+			}
+		}
+		v.open = v.memo.open
+		maps.Copy(v.node.Bound, v.memo.bound)
 		views[v.node.Name] = v
 	}
+	p.memos.keepOpen(views)
 	return views, left
+}
+
+// memo is what plans derive from a node and reuse while it does not
+// change: whether the scheduler's node selector takes it (for this Node
+// object), its room for a demand (for this NodePartition decoding), and,
+// for this NodeInfo generation and decoding, openMIG's copy and the MIG
+// demand of the pods on it. At thousands of nodes these were most of a
+// plan's time, and between two plans few nodes change.
+type memo struct {
+	node     *v1.Node
+	selected bool
+
+	roomPart *partition.Node
+	roomFor  string // the demand, as demand.String prints it
+	room     room
+
+	generation int64
+	openPart   *partition.Node
+	open       fwk.NodeInfo
+	bound      demand.Demand
+}
+
+// memos are the nodes' memos by name, used under DynamicMIG.mu.
+type memos map[string]*memo
+
+// of is the node's memo, created empty the first time.
+func (ms *memos) of(name string) *memo {
+	if *ms == nil {
+		*ms = memos{}
+	}
+	m := (*ms)[name]
+	if m == nil {
+		m = &memo{}
+		(*ms)[name] = m
+	}
+	return m
+}
+
+// prune forgets every memo when there are many more than the nodes
+// (nodes were deleted): the next plan builds those of the nodes left.
+func (ms *memos) prune(nodes int) {
+	if len(*ms) > 2*nodes+100 {
+		*ms = nil
+	}
+}
+
+// keepOpen drops the open copies of the nodes that are not among views,
+// so that at most a plan's nodes hold one.
+func (ms memos) keepOpen(views map[string]*view) {
+	for name, m := range ms {
+		if m.open != nil && views[name] == nil {
+			m.generation, m.openPart, m.open, m.bound = 0, nil, nil, nil
+		}
+	}
 }
 
 // eligible reports whether the pod's node selector, required node
@@ -203,10 +277,7 @@ func (p *DynamicMIG) snapshot(ctx context.Context, state fwk.CycleState, pod *v1
 	sort.Strings(names)
 	nominated := map[types.UID]bool{}
 	for _, name := range names {
-		v := views[name]
-		for _, pi := range v.ni.GetPods() {
-			addDemand(v.node.Bound, pi.GetPod())
-		}
+		v := views[name] // Bound holds what the pods on the node request
 		for _, pi := range p.h.NominatedPodsForNode(name) {
 			if pi.GetPod().UID != pod.UID {
 				addDemand(v.node.Bound, pi.GetPod())
