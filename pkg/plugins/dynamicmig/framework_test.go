@@ -394,15 +394,7 @@ func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
 	one := pendingPod("one", builders.Resources("nvidia.com/mig-1g.10gb", "1"))
 	two := pendingPod("two", builders.Resources("nvidia.com/mig-1g.10gb", "2"))
 	fw, _ := testFramework(t, parts, []*v1.Node{node}, one, two)
-	_, ctx := ktesting.NewTestContext(t)
-	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
-	require.NoError(t, err)
-	filter := func(pod *v1.Pod) *fwk.Status {
-		state := framework.NewCycleState()
-		_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
-		require.True(t, st.IsSuccess())
-		return fw.RunFilterPlugins(ctx, state, pod, ni)
-	}
+	filter, ni := filterOn(t, fw, "n1")
 
 	for _, mode := range []v1alpha1.DevicePluginMode{v1alpha1.DevicePluginNVIDIA, v1alpha1.DevicePluginAgent} {
 		np.Status.DevicePlugin = mode
@@ -448,6 +440,20 @@ func TestFilterCountsTheAdvertisedSlices(t *testing.T) {
 	assert.Equal(t, fwk.UnschedulableAndUnresolvable, filter(one).Code(), "restart mode waits for the whole plan")
 }
 
+// filterOn returns a function that runs a pod's PreFilter and Filter
+// plugins on the node named, and the node's NodeInfo.
+func filterOn(t *testing.T, fw framework.Framework, node string) (func(*v1.Pod) *fwk.Status, fwk.NodeInfo) {
+	_, ctx := ktesting.NewTestContext(t)
+	ni, err := fw.SnapshotSharedLister().NodeInfos().Get(node)
+	require.NoError(t, err)
+	return func(pod *v1.Pod) *fwk.Status {
+		state := framework.NewCycleState()
+		_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
+		require.True(t, st.IsSuccess())
+		return fw.RunFilterPlugins(ctx, state, pod, ni)
+	}, ni
+}
+
 // A node short of a profile is worth DefaultPreemption's dry run only if
 // a pod of lower priority holds that profile there: the rejection says so
 // by its code (Unschedulable), and is UnschedulableAndUnresolvable
@@ -464,15 +470,7 @@ func TestFilterTellsPreemptionWhereEvictionsFreeSlices(t *testing.T) {
 	high := priority(pendingPod("high", builders.Resources("nvidia.com/mig-3g.40gb", "1")), 1000)
 	other := priority(pendingPod("other", builders.Resources("nvidia.com/mig-1g.10gb", "1")), 1000)
 	fw, _ := testFramework(t, parts, []*v1.Node{migNode("n1")}, holder, low, high, other)
-	_, ctx := ktesting.NewTestContext(t)
-	ni, err := fw.SnapshotSharedLister().NodeInfos().Get("n1")
-	require.NoError(t, err)
-	filter := func(pod *v1.Pod) *fwk.Status {
-		state := framework.NewCycleState()
-		_, st, _ := fw.RunPreFilterPlugins(ctx, state, pod)
-		require.True(t, st.IsSuccess())
-		return fw.RunFilterPlugins(ctx, state, pod, ni)
-	}
+	filter, _ := filterOn(t, fw, "n1")
 
 	st := filter(high)
 	assert.Equal(t, fwk.Unschedulable, st.Code(), "evicting the holder, of lower priority, frees its 3g.40gb")
