@@ -32,8 +32,9 @@ type view struct {
 	ni   fwk.NodeInfo
 	part *partition.Node
 	node planner.Node
-	// open is ni with room for any MIG request on it (openMIG), built
-	// once per plan for the pending pods' other filters.
+	// open is ni with room for any MIG request on it (openMIG), for the
+	// pending pods' other filters: built once per plan, and kept in the
+	// node's memo for the next while the node does not change.
 	open fwk.NodeInfo
 	room room // for the pod planned, when candidates are capped
 	memo *memo
@@ -91,8 +92,8 @@ func (p *DynamicMIG) views(logger klog.Logger, pod *v1.Pod, d demand.Demand) (vi
 		offers := map[*mig.Model]bool{}
 		key := d.String()
 		for _, v := range cands {
-			if m := v.memo; m.roomPart != v.part || m.roomFor != key {
-				m.roomPart, m.roomFor, m.room = v.part, key, roomFor(v.part, d, offers)
+			if m := v.memo; m.roomPart != v.part || m.roomDemand != key {
+				m.roomPart, m.roomDemand, m.room = v.part, key, roomFor(v.part, d, offers)
 			}
 			v.room = v.memo.room
 		}
@@ -138,9 +139,9 @@ type memo struct {
 	node     *v1.Node
 	selected bool
 
-	roomPart *partition.Node
-	roomFor  string // the demand, as demand.String prints it
-	room     room
+	roomPart   *partition.Node
+	roomDemand string // as demand.String prints it
+	room       room
 
 	generation int64
 	openPart   *partition.Node
