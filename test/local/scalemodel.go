@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/dynamig/dynamig/pkg/apis/dynamig/v1alpha1"
+	"github.com/dynamig/dynamig/pkg/client"
 	"github.com/dynamig/dynamig/pkg/demand"
 	"github.com/dynamig/dynamig/pkg/generated/clientset/versioned"
 	"github.com/dynamig/dynamig/pkg/generated/informers/externalversions"
@@ -33,8 +34,9 @@ import (
 // allocatable with a nvidia.com/mig-* count per profile) and the
 // NodePartition status the agent writes (partition.EncodeGPU and
 // ShareProfiles: the GPUs' profiles, once per model, and slices with MIG
-// UUIDs, used and advertised; observedPlanID, the Applied condition). It is light: no NVML, no device plugin, no
-// kubelet process; a spec is applied after Delay as a whole (every slice
+// UUIDs, used and advertised; observedPlanID, the Applied condition). It
+// is light: no NVML, no device plugin, no kubelet process; a spec is
+// applied after Delay as a whole (every slice
 // advertised at once, no mid-plan report), and a pod bound to a node gets
 // free slices of its profiles as kubelet's device manager would hand them
 // out (or fails admission, UnexpectedAdmissionError, recorded as a
@@ -234,7 +236,8 @@ func (m *scaleModel) status(np *v1alpha1.NodePartition, mn *modelNode, err error
 
 // start watches the NodePartitions and the bound pods; run applies them.
 func (m *scaleModel) start(ctx context.Context) error {
-	npFactory := externalversions.NewSharedInformerFactory(m.dynamig, 0)
+	// Trimmed as the agent's informer is: its status writes carry no managedFields.
+	npFactory := externalversions.NewSharedInformerFactoryWithOptions(m.dynamig, 0, externalversions.WithTransform(client.TrimManagedFields))
 	npInformer := npFactory.Dynamig().V1alpha1().NodePartitions()
 	podFactory := informers.NewSharedInformerFactoryWithOptions(m.kube, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermNotEqualSelector("spec.nodeName", "").String()
