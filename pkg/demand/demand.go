@@ -56,11 +56,22 @@ func Of(pod *v1.Pod) (Demand, error) {
 // AsksForMIG reports whether any container names a MIG resource,
 // well-formed or not; Of says how many slices of which profile.
 func AsksForMIG(pod *v1.Pod) bool {
+	return names(pod, func(name v1.ResourceName) bool { return mig.IsMIGResource(string(name)) })
+}
+
+// AsksFor reports whether any container names the resource r.
+func AsksFor(pod *v1.Pod, r v1.ResourceName) bool {
+	return names(pod, func(name v1.ResourceName) bool { return name == r })
+}
+
+// names reports whether any container's requests or limits name a
+// resource that match accepts.
+func names(pod *v1.Pod, match func(v1.ResourceName) bool) bool {
 	for _, cs := range [][]v1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
 		for _, c := range cs {
 			for _, l := range []v1.ResourceList{c.Resources.Requests, c.Resources.Limits} {
 				for name := range l {
-					if mig.IsMIGResource(string(name)) {
+					if match(name) {
 						return true
 					}
 				}

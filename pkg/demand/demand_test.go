@@ -43,6 +43,17 @@ func TestOf(t *testing.T) {
 	}
 }
 
+func TestAsksFor(t *testing.T) {
+	limitsOnly := v1.Container{Resources: v1.ResourceRequirements{Limits: builders.Resources("nvidia.com/mig-3g.40gb", "1")}}
+	pod := &v1.Pod{Spec: v1.PodSpec{
+		InitContainers: []v1.Container{limitsOnly},
+		Containers:     []v1.Container{builders.Container(builders.Resources("cpu", "1"))},
+	}}
+	assert.True(t, AsksFor(pod, "nvidia.com/mig-3g.40gb"), "an init container's limit names it")
+	assert.False(t, AsksFor(pod, "nvidia.com/mig-1g.10gb"))
+	assert.True(t, AsksFor(pod, "cpu"))
+}
+
 func TestString(t *testing.T) {
 	d := Demand{mig.MustParseProfile("3g.40gb"): 1, mig.MustParseProfile("1g.10gb"): 2}
 	assert.Equal(t, "1g.10gb×2 + 3g.40gb", d.String())

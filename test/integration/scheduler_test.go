@@ -268,7 +268,9 @@ func (c *cluster) testPreemption(t *testing.T) {
 	c.startScheduler(t)
 
 	c.create(t, migPod(ns, "same", "nvidia.com/mig-7g.80gb"))
-	assert.Contains(t, c.unschedulable(t, ns, "same"), "no MIG layout can serve 7g.80gb now")
+	msg := c.unschedulable(t, ns, "same")
+	assert.Contains(t, msg, "no MIG layout can serve 7g.80gb now")
+	assert.Contains(t, msg, "Preemption is not helpful for scheduling", "DefaultPreemption skipped the node")
 	p, err := c.cs.CoreV1().Pods(ns).Get(context.Background(), "low", metav1.GetOptions{})
 	require.NoError(t, err)
 	assert.Nil(t, p.DeletionTimestamp, "a pod of the same priority evicts nobody")

@@ -282,16 +282,38 @@ func Scale(ctx context.Context, o ScaleOptions) (*ScaleResult, error) {
 		}
 		fmt.Fprintf(o.Progress, "creating %d more MIG pods, %g a second\n", len(steady), o.SteadyRate)
 		procs := map[string]*proc{"scheduler": sched.proc, "kube-apiserver": cp.apiserver, "etcd": cp.etcd, "kube-controller-manager": cp.kcm}
-		cpuBefore, serverBefore, steadyStart := cpuTimes(procs), apiserverMetrics(ctx, kube), time.Now()
+		cpuBefore, err := cpuTimes(procs)
+		if err != nil {
+			return nil, err
+		}
+		serverBefore, err := apiserverMetrics(ctx, kube)
+		if err != nil {
+			return nil, err
+		}
+		steadyStart := time.Now()
 		if _, _, err := createAndBind(ctx, kube, steady, o.SteadyRate, o.Stall); err != nil {
 			return nil, err
 		}
 		res.SteadySeconds = time.Since(steadyStart).Seconds()
-		res.SteadyCPUSeconds = cpuTimes(procs)
+		if res.SteadyCPUSeconds, err = cpuTimes(procs); err != nil {
+			return nil, err
+		}
 		for name, t := range cpuBefore {
 			res.SteadyCPUSeconds[name] -= t
 		}
-		puts := histogramDelta(nodePartitionPuts(serverBefore), nodePartitionPuts(apiserverMetrics(ctx, kube)))
+		serverAfter, err := apiserverMetrics(ctx, kube)
+		if err != nil {
+			return nil, err
+		}
+		putsBefore, err := nodePartitionPuts(serverBefore)
+		if err != nil {
+			return nil, err
+		}
+		putsAfter, err := nodePartitionPuts(serverAfter)
+		if err != nil {
+			return nil, err
+		}
+		puts := histogramDelta(putsBefore, putsAfter)
 		res.SteadyAPIServerPutMeanMs, res.SteadyAPIServerPutP99Ms = 1000*puts.mean(), 1000*puts.quantile(0.99)
 		end, err := sched.metrics(ctx)
 		if err != nil {
@@ -608,26 +630,21 @@ func (p *schedulerProc) peakRSS() float64 {
 	return 0
 }
 
-// apiserverMetrics scrapes kube-apiserver's /metrics; nil if it cannot
-// (the measures that need it are then 0).
-func apiserverMetrics(ctx context.Context, kube kubernetes.Interface) map[string]*dto.MetricFamily {
+// apiserverMetrics scrapes kube-apiserver's /metrics.
+func apiserverMetrics(ctx context.Context, kube kubernetes.Interface) (map[string]*dto.MetricFamily, error) {
 	body, err := kube.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx)
 	if err != nil {
-		return nil
+		return nil, fmt.Errorf("reading kube-apiserver's metrics: %w", err)
 	}
-	families, err := parseMetrics(body)
-	if err != nil {
-		return nil
-	}
-	return families
+	return parseMetrics(body)
 }
 
 // nodePartitionPuts is kube-apiserver's request-duration histogram for
 // NodePartition writes (PUT, the spec: no subresource) alone.
-func nodePartitionPuts(families map[string]*dto.MetricFamily) *dto.MetricFamily {
+func nodePartitionPuts(families map[string]*dto.MetricFamily) (*dto.MetricFamily, error) {
 	f := families["apiserver_request_duration_seconds"]
 	if f == nil {
-		return nil
+		return nil, fmt.Errorf("kube-apiserver's metrics have no apiserver_request_duration_seconds")
 	}
 	only := &dto.MetricFamily{Name: f.Name, Type: f.Type}
 	for _, m := range f.GetMetric() {
@@ -639,44 +656,49 @@ func nodePartitionPuts(families map[string]*dto.MetricFamily) *dto.MetricFamily 
 			only.Metric = append(only.Metric, m)
 		}
 	}
-	return only
+	return only, nil
 }
 
 // cpuTimes is the user and system CPU time, in seconds, each process has
 // used so far, and the harness's own under "harness (node model, pods)".
-func cpuTimes(procs map[string]*proc) map[string]float64 {
-	times := map[string]float64{"harness (node model, pods)": cpuSeconds("self")}
+func cpuTimes(procs map[string]*proc) (map[string]float64, error) {
+	pids := map[string]string{"harness (node model, pods)": "self"}
 	for name, p := range procs {
-		if p != nil && p.cmd != nil && p.cmd.Process != nil {
-			times[name] = cpuSeconds(strconv.Itoa(p.cmd.Process.Pid))
-		}
+		pids[name] = strconv.Itoa(p.cmd.Process.Pid)
 	}
-	return times
+	times := map[string]float64{}
+	for name, pid := range pids {
+		t, err := cpuSeconds(pid)
+		if err != nil {
+			return nil, fmt.Errorf("CPU time of %s: %w", name, err)
+		}
+		times[name] = t
+	}
+	return times, nil
 }
 
 // cpuSeconds reads a process's utime and stime from /proc/<pid>/stat (in
-// clock ticks, 100 a second on Linux); 0 if it cannot.
-func cpuSeconds(pid string) float64 {
+// clock ticks, 100 a second on Linux).
+func cpuSeconds(pid string) (float64, error) {
 	stat, err := os.ReadFile("/proc/" + pid + "/stat")
 	if err != nil {
-		return 0
+		return 0, err
 	}
 	// The fields after the command name, which is in parentheses and may
 	// hold spaces: the state is the first, utime the 12th, stime the 13th.
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(string(stat[i+1:]))
+	f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
 	if len(f) < 13 {
-		return 0
+		return 0, fmt.Errorf("/proc/%s/stat has %d fields after the command", pid, len(f))
 	}
-	utime, err1 := strconv.ParseFloat(f[11], 64)
-	stime, err2 := strconv.ParseFloat(f[12], 64)
-	if err1 != nil || err2 != nil {
-		return 0
+	utime, err := strconv.ParseFloat(f[11], 64)
+	if err != nil {
+		return 0, err
 	}
-	return (utime + stime) / 100
+	stime, err := strconv.ParseFloat(f[12], 64)
+	if err != nil {
+		return 0, err
+	}
+	return (utime + stime) / 100, nil
 }
 
 // conflicts is DynamicMIG's count of plans a NodePartition write changed

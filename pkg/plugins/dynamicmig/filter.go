@@ -152,26 +152,11 @@ func shortage(pod *v1.Pod, ni fwk.NodeInfo, r v1.ResourceName) fwk.Code {
 	priority := corev1helpers.PodPriority(pod)
 	for _, pi := range ni.GetPods() {
 		other := pi.GetPod()
-		if corev1helpers.PodPriority(other) < priority && holds(other, r) {
+		if corev1helpers.PodPriority(other) < priority && demand.AsksFor(other, r) {
 			return fwk.Unschedulable
 		}
 	}
 	return fwk.UnschedulableAndUnresolvable
-}
-
-// holds reports whether any of the pod's containers asks for r.
-func holds(pod *v1.Pod, r v1.ResourceName) bool {
-	for _, cs := range [][]v1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
-		for _, c := range cs {
-			if _, ok := c.Resources.Requests[r]; ok {
-				return true
-			}
-			if _, ok := c.Resources.Limits[r]; ok {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // unhealthy counts the devices of r kubelet holds unhealthy (Node
